@@ -1,0 +1,193 @@
+"""DCGAN generator and discriminator: the reference (plain PyTorch) model and its presets.
+
+Module and parameter names follow MMGeneration's DCGANGenerator / DCGANDiscriminator
+(`noise2feat.conv.weight`, `upsampling.0.bn.running_mean`, `decision.conv.bias`, ...), so the
+state_dict of either backend loads in the other, and MMGen's keys map one to one.
+
+backend="torch" runs these modules as written; backend="triton" runs the same parameters and
+buffers through the fused kernels (fastgan/fused.py). Switch at any time: `G.backend = "triton"`.
+
+Widths: `base_channels` is the width at full resolution (G's last hidden layer, D's first);
+it doubles towards 4x4. MMGen at 64x64: G 1024-512-256-128, D 128-256-512-1024.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+BACKENDS = ("torch", "triton")
+
+
+@dataclass(frozen=True)
+class Preset:
+    base_channels: int
+    noise_size: int
+    d_slope: float          # LeakyReLU slope in D
+    out_bias: bool          # bias on G.to_rgb, D.img2feat and D.decision
+    bn_weight_mean: float   # BN weight init N(mean, std)
+    bn_weight_std: float
+
+
+PRESETS = {
+    # MMGen uses plain nn.LeakyReLU (slope 0.01) and nn.init.normal_ on BN weights (N(0, 1)).
+    "mmgen": Preset(base_channels=128, noise_size=100, d_slope=0.01, out_bias=True,
+                    bn_weight_mean=0.0, bn_weight_std=1.0),
+    "pytorch_examples": Preset(base_channels=64, noise_size=100, d_slope=0.2, out_bias=False,
+                               bn_weight_mean=1.0, bn_weight_std=0.02),
+}
+
+
+class ConvModule(nn.Module):
+    """conv (k4) -> optional BatchNorm -> optional activation, named like mmcv's ConvModule."""
+
+    def __init__(self, cin, cout, *, transposed, stride, padding, bias, norm, act, slope=0.0):
+        super().__init__()
+        conv = nn.ConvTranspose2d if transposed else nn.Conv2d
+        self.conv = conv(cin, cout, 4, stride, padding, bias=bias)
+        self.bn = nn.BatchNorm2d(cout) if norm else None   # eps 1e-5, momentum 0.1
+        self.act, self.slope = act, slope                  # act: None | relu | leaky_relu | tanh
+        self.transposed, self.stride, self.padding = transposed, stride, padding
+
+    def forward(self, x):
+        x = self.conv(x)
+        if self.bn is not None:
+            x = self.bn(x)
+        if self.act == "relu":
+            x = torch.relu(x)
+        elif self.act == "leaky_relu":
+            x = nn.functional.leaky_relu(x, self.slope)
+        elif self.act == "tanh":
+            x = torch.tanh(x)
+        return x
+
+    def extra_repr(self):
+        return f"act={self.act}" + (f", slope={self.slope}" if self.act == "leaky_relu" else "")
+
+
+def _num_stages(resolution: int) -> int:
+    if resolution not in (32, 64, 128):
+        raise ValueError(f"resolution must be 32, 64 or 128, got {resolution}")
+    return int(math.log2(resolution)) - 2       # 4x4 -> resolution in stride-2 steps
+
+
+def _preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def _check(channels, backend):
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+
+
+def _init(module: nn.Module, p: Preset):
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, p.bn_weight_mean, p.bn_weight_std)
+            nn.init.zeros_(m.bias)
+
+
+class Generator(nn.Module):
+    """z (N, noise_size) or (N, noise_size, 1, 1) -> images (N, channels, R, R) in [-1, 1]."""
+
+    def __init__(self, preset="mmgen", resolution=64, channels=3, base_channels=None, backend="torch"):
+        super().__init__()
+        p = _preset(preset)
+        _check(channels, backend)
+        stages = _num_stages(resolution)
+        base = base_channels or p.base_channels
+        widths = [base * 2 ** i for i in reversed(range(stages))]          # 4x4 ... R/2
+        self.preset, self.resolution, self.channels, self.backend = preset, resolution, channels, backend
+        self.noise_size = p.noise_size
+        self.noise2feat = ConvModule(p.noise_size, widths[0], transposed=True, stride=1, padding=0,
+                                     bias=False, norm=True, act="relu")
+        self.upsampling = nn.Sequential(*[
+            ConvModule(widths[i], widths[i + 1], transposed=True, stride=2, padding=1,
+                       bias=False, norm=True, act="relu") for i in range(stages - 1)])
+        self.to_rgb = ConvModule(widths[-1], channels, transposed=True, stride=2, padding=1,
+                                 bias=p.out_bias, norm=False, act="tanh")
+        _init(self, p)
+
+    def blocks(self) -> list[ConvModule]:
+        return [self.noise2feat, *self.upsampling, self.to_rgb]
+
+    def sample_noise(self, n: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.randn(n, self.noise_size, device=device, generator=generator)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.dim() == 2:
+            z = z[:, :, None, None]
+        if z.shape[1:] != (self.noise_size, 1, 1):
+            raise ValueError(f"noise must be (N, {self.noise_size}) or (N, {self.noise_size}, 1, 1), got {tuple(z.shape)}")
+        if self.backend == "triton":
+            from fastgan import fused
+            return fused.forward(self, z)
+        x = self.noise2feat(z)
+        x = self.upsampling(x)
+        return self.to_rgb(x)
+
+
+class Discriminator(nn.Module):
+    """images (N, channels, R, R) -> logits (N, 1)."""
+
+    def __init__(self, preset="mmgen", resolution=64, channels=3, base_channels=None, backend="torch"):
+        super().__init__()
+        p = _preset(preset)
+        _check(channels, backend)
+        stages = _num_stages(resolution)
+        base = base_channels or p.base_channels
+        widths = [base * 2 ** i for i in range(stages)]                    # R/2 ... 4x4
+        self.preset, self.resolution, self.channels, self.backend = preset, resolution, channels, backend
+        self.img2feat = ConvModule(channels, widths[0], transposed=False, stride=2, padding=1,
+                                   bias=p.out_bias, norm=False, act="leaky_relu", slope=p.d_slope)
+        self.downsampling = nn.Sequential(*[
+            ConvModule(widths[i], widths[i + 1], transposed=False, stride=2, padding=1,
+                       bias=False, norm=True, act="leaky_relu", slope=p.d_slope) for i in range(stages - 1)])
+        self.decision = ConvModule(widths[-1], 1, transposed=False, stride=1, padding=0,
+                                   bias=p.out_bias, norm=False, act=None)
+        _init(self, p)
+
+    def blocks(self) -> list[ConvModule]:
+        return [self.img2feat, *self.downsampling, self.decision]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        expect = (self.channels, self.resolution, self.resolution)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expect:
+            raise ValueError(f"images must be (N, {', '.join(map(str, expect))}), got {tuple(x.shape)}")
+        if self.backend == "triton":
+            from fastgan import fused
+            return fused.forward(self, x)
+        x = self.img2feat(x)
+        x = self.downsampling(x)
+        return self.decision(x).flatten(1)
+
+
+def resolve_backend(name: str, device: torch.device | str) -> str:
+    """auto -> triton on CUDA, torch elsewhere."""
+    if name == "auto":
+        return "triton" if torch.device(device).type == "cuda" else "torch"
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be auto, torch or triton, got {name!r}")
+    return name
+
+
+def build(model_cfg, backend: str = "torch") -> tuple[Generator, Discriminator]:
+    """G and D from a ModelConfig (fastgan.config)."""
+    kw = dict(preset=model_cfg.preset, resolution=model_cfg.resolution, channels=model_cfg.channels,
+              base_channels=model_cfg.base_channels, backend=backend)
+    return Generator(**kw), Discriminator(**kw)
+
+
+def num_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

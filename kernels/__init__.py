@@ -1,0 +1,1 @@
+"""Fused Triton kernels for DCGAN layers (installed as fastgan.kernels)."""
