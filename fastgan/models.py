@@ -5,7 +5,8 @@ Module and parameter names follow MMGeneration's DCGANGenerator / DCGANDiscrimin
 state_dict of either backend loads in the other, and MMGen's keys map one to one.
 
 backend="torch" runs these modules as written; backend="triton" runs the same parameters and
-buffers through the fused kernels (fastgan/fused.py). Switch at any time: `G.backend = "triton"`.
+buffers through the fused kernels (fastgan/fused.py). Switch at any time: `G.backend = "triton"`;
+`G.deterministic = True` makes the fused kernels reduce BN statistics without atomics.
 
 Widths: `base_channels` is the width at full resolution (G's last hidden layer, D's first);
 it doubles towards 4x4. MMGen at 64x64: G 1024-512-256-128, D 128-256-512-1024.
@@ -109,6 +110,7 @@ class Generator(nn.Module):
         base = base_channels or p.base_channels
         widths = [base * 2 ** i for i in reversed(range(stages))]          # 4x4 ... R/2
         self.preset, self.resolution, self.channels, self.backend = preset, resolution, channels, backend
+        self.deterministic = False
         self.noise_size = p.noise_size
         self.noise2feat = ConvModule(p.noise_size, widths[0], transposed=True, stride=1, padding=0,
                                      bias=False, norm=True, act="relu")
@@ -149,6 +151,7 @@ class Discriminator(nn.Module):
         base = base_channels or p.base_channels
         widths = [base * 2 ** i for i in range(stages)]                    # R/2 ... 4x4
         self.preset, self.resolution, self.channels, self.backend = preset, resolution, channels, backend
+        self.deterministic = False
         self.img2feat = ConvModule(channels, widths[0], transposed=False, stride=2, padding=1,
                                    bias=p.out_bias, norm=False, act="leaky_relu", slope=p.d_slope)
         self.downsampling = nn.Sequential(*[
