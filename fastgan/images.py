@@ -1,0 +1,59 @@
+"""Image grids and PNG files with PIL (no torchvision: it does not import beside every torch wheel)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8; values outside are clipped."""
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must be (N, 1|3, H, W), got {tuple(images.shape)}")
+    x = images.detach().float().cpu().clamp(-1, 1)
+    x = ((x + 1) * 127.5).round().to(torch.uint8)       # 127.5: [-1, 1] onto [0, 255]
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value: int = 0) -> np.ndarray:
+    """Tile images into rows of `nrow` with `padding` pixels between them -> (H, W, C) uint8."""
+    if nrow < 1:
+        raise ValueError(f"nrow must be at least 1, got {nrow}")
+    tiles = to_uint8(images)
+    n, h, w, c = tiles.shape
+    cols = min(nrow, n)
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * (h + padding) + padding, cols * (w + padding) + padding, c), pad_value, np.uint8)
+    for i, tile in enumerate(tiles):
+        y = padding + (i // cols) * (h + padding)
+        x = padding + (i % cols) * (w + padding)
+        grid[y:y + h, x:x + w] = tile
+    return grid
+
+
+def _pil(array: np.ndarray) -> Image.Image:
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
+
+def save_png(array: np.ndarray, path: str | Path) -> Path:
+    """Write an (H, W, C) uint8 array; through a temp file so a killed run leaves no half PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    _pil(array).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, padding: int = 2) -> Path:
+    return save_png(make_grid(images, nrow, padding), path)
+
+
+def save_each(images: torch.Tensor, folder: str | Path, start: int = 0) -> list[Path]:
+    """One PNG per image: folder/000000.png, 000001.png, ..."""
+    return [save_png(tile, Path(folder) / f"{start + i:06d}.png") for i, tile in enumerate(to_uint8(images))]

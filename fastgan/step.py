@@ -1,0 +1,143 @@
+"""One training iteration (D step, then G step) as one function, so torch.compile sees all of it.
+
+recipe "mmgen" (MMGeneration's StaticUnconditionalGAN.train_step with disc_steps=1):
+    fake = G(z1) without grad;  D(fake), then D(real) (two BN batches)
+    loss_d = BCE(D(fake), 0) + BCE(D(real), 1);  D step
+    G(z2) -> D (D's parameters frozen) -> loss_g = BCE(., 1);  G step
+recipe "pytorch_examples" (pytorch/examples dcgan/main.py):
+    fake = G(z);  D(real), then D(fake.detach());  D step;  D(fake) -> G step
+
+The losses come back as one detached tensor [loss_d_fake, loss_d_real, loss_g]; the caller reads
+it only at log intervals, so nothing here waits for the device.
+
+DDP: G and D are wrapped separately with broadcast_buffers=False. DDP expects one forward per
+backward and a grad for every parameter, so D's two batches run through `DiscPair` (one DDP
+forward, two D calls: still two BN batches), and the G step runs the unwrapped D, whose frozen
+parameters get no grads and leave DDP's reducer alone. The no-grad G forward runs unwrapped too.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class DiscPair(nn.Module):
+    """D on two batches in one forward (`first` runs first: BN statistics are per batch)."""
+
+    def __init__(self, D: nn.Module):
+        super().__init__()
+        self.D = D
+
+    def forward(self, first, second):
+        return self.D(first), self.D(second)
+
+
+def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logits.float(), torch.full_like(logits, target, dtype=torch.float32))
+
+
+class TrainStep:
+    """Owns the optimizers and the GradScaler; `step(real, z)` runs one iteration.
+
+    z: (num_noise, N, noise_size), drawn by the caller from its own generator so that the
+    iteration is a pure function of its inputs and the state (resume replays it exactly).
+    """
+
+    def __init__(self, cfg, G: nn.Module, D: nn.Module, device: torch.device, distributed: bool = False):
+        if cfg.recipe not in ("mmgen", "pytorch_examples"):
+            raise ValueError(f"recipe must be mmgen or pytorch_examples, got {cfg.recipe!r}")
+        self.G, self.D, self.device = G, D, device
+        self.recipe = cfg.recipe
+        self.num_noise = 2 if cfg.recipe == "mmgen" else 1
+        self.amp_dtype = AMP_DTYPES[cfg.amp]
+        cuda = device.type == "cuda"
+        o = cfg.optim
+        self.opt_g = torch.optim.Adam(G.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2), fused=cuda or None)
+        self.opt_d = torch.optim.Adam(D.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2), fused=cuda or None)
+        # fp16 needs loss scaling; one scaler serves both optimizers (torch AMP docs, "multiple
+        # models, losses, and optimizers"), updated once per iteration.
+        self.fp16 = cfg.amp == "fp16"
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.fp16)
+        pair = DiscPair(D)
+        if distributed:
+            ids = [device.index] if cuda else None
+            self.g_train = DDP(G, device_ids=ids, broadcast_buffers=False)
+            self.d_pair = DDP(pair, device_ids=ids, broadcast_buffers=False)
+        else:
+            self.g_train, self.d_pair = G, pair
+        fn = self._mmgen if self.recipe == "mmgen" else self._pytorch_examples
+        self._fn = torch.compile(fn) if cfg.compile else fn
+
+    def noise(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randn(self.num_noise, batch_size, self.G.noise_size, device=self.device, generator=generator)
+
+    def step(self, real: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self._fn(real, z)
+
+    # -- the recipes ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _detached(module: nn.Module) -> dict[str, torch.Tensor]:
+        return {name: p.detach() for name, p in module.named_parameters()}
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def _update(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        if self.fp16:   # branches, not a disabled scaler: torch.compile cannot trace GradScaler
+            self.scaler.scale(loss).backward()
+            self.scaler.step(opt)
+        else:
+            loss.backward()
+            opt.step()
+
+    def _g_update(self, fake: torch.Tensor) -> torch.Tensor:
+        # MMGen freezes D here (set_requires_grad(D, False)); D's weights enter as detached
+        # tensors instead: same effect, no grads for D, and no requires_grad_ calls, which
+        # torch.compile cannot trace.
+        with self._autocast():
+            loss_g = _bce(functional_call(self.D, self._detached(self.D), (fake,)), 1.0)
+        self._update(self.opt_g, loss_g)
+        if self.fp16:
+            self.scaler.update()
+        return loss_g
+
+    def _mmgen(self, real: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            with torch.no_grad():
+                fake = self.G(z[0])
+            pred_fake, pred_real = self.d_pair(fake, real)
+            loss_fake, loss_real = _bce(pred_fake, 0.0), _bce(pred_real, 1.0)
+        self._update(self.opt_d, loss_fake + loss_real)
+        with self._autocast():
+            fake = self.g_train(z[1])
+        loss_g = self._g_update(fake)
+        return torch.stack([loss_fake, loss_real, loss_g]).detach()
+
+    def _pytorch_examples(self, real: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            fake = self.g_train(z[0])
+            pred_real, pred_fake = self.d_pair(real, fake.detach())
+            loss_real, loss_fake = _bce(pred_real, 1.0), _bce(pred_fake, 0.0)
+        self._update(self.opt_d, loss_real + loss_fake)
+        loss_g = self._g_update(fake)
+        return torch.stack([loss_fake, loss_real, loss_g]).detach()
+
+    # -- checkpoint state -----------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
