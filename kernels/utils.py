@@ -1,0 +1,169 @@
+"""Shared helpers for the fused kernels: interpreter mode, dtypes, block sizes, op registration.
+
+Kernels are written once for two worlds:
+- a GPU, where ops are `torch.library.triton_op`s that torch.compile traces into and a CUDA graph
+  captures;
+- Triton's CPU interpreter (TRITON_INTERPRET=1, set before this package loads), used by the
+  parity tests. There `wrap_triton` returns the raw kernel, which fake tensors cannot run, so ops
+  are opaque `torch.library.custom_op`s with a registered fake implementation instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Prologue modes: how a GEMM operand is transformed while it is loaded (see operands.py).
+PRO_NONE, PRO_ACT, PRO_NORM_ACT, PRO_DY_TANH, PRO_DY_STATS = 0, 1, 2, 3, 4
+# Activations.
+ACT_NONE, ACT_RELU, ACT_LEAKY = 0, 1, 2
+ACTS = {None: ACT_NONE, "relu": ACT_RELU, "leaky_relu": ACT_LEAKY}
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in DTYPES:
+        raise TypeError(f"fused kernels compute in float32, bfloat16 or float16, not {dtype}")
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def clamp_pow2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, next_pow2(n)))
+
+
+def gemm_blocks(m: int, n: int, k: int) -> dict:
+    """Tile sizes for an implicit GEMM with m rows, n columns and a k-chunk over channels.
+
+    tl.dot needs every side >= 16. In the interpreter each program costs ~1 ms of Python, so
+    tiles are as large as the problem allows there.
+    """
+    if INTERPRET:
+        return dict(BLOCK_M=clamp_pow2(m, 16, 128), BLOCK_N=clamp_pow2(n, 16, 128),
+                    BLOCK_K=clamp_pow2(k, 16, 128), num_warps=4, num_stages=1)
+    bm = clamp_pow2(m, 16, 128)
+    bn = clamp_pow2(n, 16, 128)
+    bk = clamp_pow2(k, 16, 64)
+    warps = 8 if bm * bn >= 128 * 128 else 4
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=3)
+
+
+def channels_last_empty(shape, dtype, device) -> torch.Tensor:
+    """(N, C, H, W) with NHWC memory: the K (channel) dimension of the next GEMM is contiguous."""
+    n, c, h, w = shape
+    return torch.empty((n, h, w, c), dtype=dtype, device=device).permute(0, 3, 1, 2)
+
+
+def empty_like_layout(t: torch.Tensor, dtype=None) -> torch.Tensor:
+    """A new tensor with t's shape and strides (t must be dense, as all our tensors are)."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=dtype or t.dtype, device=t.device)
+
+
+def dense(t: torch.Tensor) -> torch.Tensor:
+    """t itself if its memory is dense and non-overlapping (so strides address it), else a copy."""
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def nothing(ref: torch.Tensor) -> torch.Tensor:
+    """The empty tensor ops return where an output does not apply."""
+    return ref.new_empty(0, dtype=torch.float32)
+
+
+def triton_dtype(dtype: torch.dtype):
+    import triton.language as tl
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
+def launch(kernel):
+    """`kernel[grid](...)` that torch.compile can trace (wrap_triton) on a GPU."""
+    if INTERPRET:
+        return kernel
+    from torch.library import wrap_triton
+    return wrap_triton(kernel)
+
+
+def register_op(name: str, fake):
+    """Decorator: a functional torch.library op (triton_op on GPU, custom_op + fake when interpreted)."""
+    def wrap(fn):
+        if INTERPRET:
+            op = torch.library.custom_op(name, mutates_args=())(fn)
+            op.register_fake(fake)
+        else:
+            from torch.library import triton_op
+            op = triton_op(name, mutates_args=())(fn)
+        return op
+    return wrap
+
+
+def cdiv(a: int, b: int) -> int:
+    return triton.cdiv(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a GEMM launch fuses around itself (see operands.py for the math).
+
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Optional  # noqa: E402
+
+
+@dataclass
+class Prologue:
+    """Applied to the GEMM's input operand as it is loaded."""
+    mode: int = PRO_NONE
+    act: int = ACT_NONE
+    slope: float = 0.0
+    vecs: tuple = (None, None, None, None)   # fp32 per-channel vectors, see operands.py
+    aux: Optional[torch.Tensor] = None       # PRO_DY_*: the layer's output y (same strides as the operand)
+    inv_count: float = 0.0                   # PRO_DY_STATS: 1 / (elements per channel in the statistics)
+
+    def args(self, dummy: torch.Tensor) -> list:
+        return [v if v is not None else dummy for v in (self.aux, *self.vecs)]
+
+
+@dataclass
+class Epilogue:
+    """Forward (bias, tanh, BN statistics) or, with dact, the dgrad epilogue (activation
+    derivative, BN-backward reductions) for the prologue `pro` the forward applied to `ex`."""
+    dact: bool = False
+    bias: Optional[torch.Tensor] = None
+    tanh: bool = False
+    stats: bool = False
+    shift: Optional[torch.Tensor] = None     # stats: per-channel shift (the running mean) or None
+    ex: Optional[torch.Tensor] = None        # dact: forward input, same strides as the output
+    pro: Prologue = field(default_factory=Prologue)
+
+    def needs_partials(self) -> bool:
+        return self.stats if not self.dact else self.pro.mode == PRO_NORM_ACT
+
+    def args(self, dummy: torch.Tensor) -> list:
+        if self.dact:
+            return [self.ex if self.ex is not None else dummy, *self.pro.args(dummy)[1:]]
+        return [dummy, self.bias if self.bias is not None else dummy,
+                self.shift if self.shift is not None else dummy, dummy, dummy]
+
+    def constexprs(self) -> dict:
+        return dict(DACT=self.dact, HAS_BIAS=self.bias is not None, TANH=self.tanh, STATS=self.stats,
+                    EPRO=self.pro.mode, EACT=self.pro.act)
+
+
+def partials(rows: int, channels: int, atomic: bool, device) -> torch.Tensor:
+    """[rows, 2, C] fp32 per-tile sums; with atomics one zeroed row that every tile adds into."""
+    if atomic:
+        return torch.zeros((1, 2, channels), dtype=torch.float32, device=device)
+    return torch.empty((rows, 2, channels), dtype=torch.float32, device=device)
+
+
+def dot_config(dtype: torch.dtype, allow_tf32: bool) -> dict:
+    """GEMM input dtype and fp32 precision (IEEE unless tf32 is allowed; always IEEE when interpreted)."""
+    check_dtype(dtype)
+    return dict(DOT_DTYPE=triton_dtype(dtype), PRECISION="tf32" if allow_tf32 and not INTERPRET else "ieee",
+                INTERPRET=INTERPRET)
