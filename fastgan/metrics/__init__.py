@@ -1,0 +1,17 @@
+"""Objective metrics that work offline: SWD, MS-SSIM (MMGeneration's DCGAN metrics) and FID, KID,
+IS on the FID Inception network loaded from a local file.
+
+    from fastgan.metrics import Evaluator, LOWER_IS_BETTER
+    ev = Evaluator(cfg, device, rank=0, world_size=1)
+    scores = ev(G)          # G in eval mode -> {"swd": ..., "swd_64": ..., "ms_ssim": ..., ...}
+"""
+
+from fastgan.metrics.evaluator import LOWER_IS_BETTER, METRICS, Evaluator, parse_metrics, sample_images
+from fastgan.metrics.fid import fid, frechet_distance, inception_score, kid
+from fastgan.metrics.inception import InceptionWeightsError
+from fastgan.metrics.ms_ssim import ms_ssim, ms_ssim_pairs
+from fastgan.metrics.swd import swd
+
+__all__ = ["Evaluator", "LOWER_IS_BETTER", "METRICS", "parse_metrics", "sample_images", "fid",
+           "frechet_distance", "inception_score", "kid", "InceptionWeightsError", "ms_ssim",
+           "ms_ssim_pairs", "swd"]
