@@ -218,6 +218,8 @@ def load_generator(path: str | Path, cfg=None, device: torch.device | str = "cpu
     try:
         G.load_state_dict(tensors)
     except RuntimeError as e:
-        trained = f" (trained with model: {stored['model']})" if stored and "model" in stored else ""
-        raise CheckpointError(f"{path} does not fit the configured model {m}{trained}:\n{e}") from None
+        trained = f"; it was trained with {stored['model']}" if stored and "model" in stored else ""
+        detail = "\n".join(str(e).splitlines()[:4])      # the first mismatches say enough
+        raise CheckpointError(f"{path} does not fit the configured model {m}{trained} (pass the config "
+                              f"the run used, e.g. its work_dir/config.json)\n{detail}") from None
     return G.to(device).eval()

@@ -31,6 +31,11 @@ class Progress:
         self.t0 = self.last = time.perf_counter()
         self.drawn = False
 
+    def reset(self, start: int) -> None:
+        """Count from `start` (a resumed run) with the clock starting now."""
+        self.n = self.start = start
+        self.t0 = self.last = time.perf_counter()
+
     def rate(self) -> float:
         """Items per second since the bar started."""
         dt = time.perf_counter() - self.t0

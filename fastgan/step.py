@@ -18,11 +18,18 @@ parameters get no grads and leave DDP's reducer alone. The no-grad G forward run
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+# Each rank keeps its own BN running statistics between explicit syncs. torch 2.13 renamed
+# broadcast_buffers=False to forward_sync_buffers=False (a FutureWarning); 2.11 has only the old name.
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                   else {"broadcast_buffers": False})
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -67,8 +74,8 @@ class TrainStep:
         pair = DiscPair(D)
         if distributed:
             ids = [device.index] if cuda else None
-            self.g_train = DDP(G, device_ids=ids, broadcast_buffers=False)
-            self.d_pair = DDP(pair, device_ids=ids, broadcast_buffers=False)
+            self.g_train = DDP(G, device_ids=ids, **_NO_BUFFER_SYNC)
+            self.d_pair = DDP(pair, device_ids=ids, **_NO_BUFFER_SYNC)
         else:
             self.g_train, self.d_pair = G, pair
         fn = self._mmgen if self.recipe == "mmgen" else self._pytorch_examples

@@ -1,0 +1,97 @@
+"""Draw samples from a trained generator (MMGeneration's demo/unconditional_demo.py).
+
+    python fastgan/sample.py CONFIG CKPT [--num-samples 64] [--nrow 8] [--seed 0] [--out grid.png]
+                             [--each DIR] [--device cpu|cuda] [--backend auto|torch|triton]
+
+CKPT: ckpt/iter_N.pt, generator.safetensors, or a work_dir (its generator.safetensors, else its
+newest checkpoint). CONFIG: the config file the run used, or the work_dir's config.json.
+The noise comes from --seed on the CPU, so a seed gives the same images on CPU and GPU.
+"""
+
+import os
+import sys
+
+if sys.path and os.path.abspath(sys.path[0] or os.curdir) == os.path.dirname(os.path.abspath(__file__)):
+    del sys.path[0]      # run as a file: fastgan/ must not shadow other modules
+
+try:
+    import fastgan  # noqa: F401
+except ImportError:
+    sys.exit("fastgan is not installed: run `pip install -e .` in the repository root")
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from fastgan import images
+from fastgan import config as config_mod
+from fastgan.checkpoint import CheckpointError, load_generator
+from fastgan.models import resolve_backend
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python fastgan/sample.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="config file (.py) or a work_dir's config.json")
+    p.add_argument("ckpt", help="ckpt/iter_N.pt, generator.safetensors, or a work_dir")
+    p.add_argument("--num-samples", type=int, default=64, help="images to draw (default 64)")
+    p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: a square grid)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--out", default="grid.png", help="grid PNG to write (default grid.png)")
+    p.add_argument("--each", default=None, metavar="DIR", help="also write every image as DIR/NNNNNN.png")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--backend", default=None, choices=("auto", "torch", "triton"), help="default: the config's")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward (default 256)")
+    args = p.parse_args(argv)
+    for name in ("num_samples", "batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.nrow is not None and args.nrow < 1:
+        p.error("--nrow must be at least 1")
+    return args
+
+
+def generate(G: torch.nn.Module, num: int, seed: int, device, batch_size: int = 256) -> torch.Tensor:
+    """`num` images (N, C, R, R) in [-1, 1] on the CPU from noise seeded on the CPU."""
+    z = G.sample_noise(num, generator=torch.Generator().manual_seed(seed))
+    out = []
+    with torch.no_grad():
+        for chunk in z.split(batch_size):
+            out.append(G(chunk.to(device)).float().cpu())
+    return torch.cat(out)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda, but no CUDA device is visible")
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as e:
+        sys.exit(f"config error: {e}")
+    backend = resolve_backend(args.backend or cfg.backend, device)
+    if backend == "triton" and device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")   # before fastgan.kernels first loads
+    try:
+        G = load_generator(args.ckpt, cfg, device=device, backend=backend)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    t = time.perf_counter()
+    fake = generate(G, args.num_samples, args.seed, device, args.batch_size)
+    dt = time.perf_counter() - t
+    nrow = args.nrow or max(1, math.isqrt(args.num_samples))
+    out = images.save_grid(fake, args.out, nrow=nrow)
+    print(f"{args.num_samples} samples ({cfg.model.resolution}x{cfg.model.resolution}, backend {backend} "
+          f"on {device}, {dt:.2f} s) -> {out}")
+    if args.each:
+        paths = images.save_each(fake, args.each)
+        print(f"{len(paths)} images -> {Path(args.each)}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""Train a DCGAN from a config file.
+
+    python fastgan/train.py CONFIG [--key=value ...] [--resume PATH] [--device cpu|cuda]
+    torchrun --nproc_per_node=N fastgan/train.py CONFIG [--key=value ...]
+
+Restarting with the same work_dir resumes from its newest readable checkpoint; a finished run
+says so and exits. Outputs in work_dir: config.json, log.jsonl, training_samples/iter_N.png,
+ckpt/iter_N.pt, generator.safetensors (and TensorBoard events when tensorboard is installed).
+"""
+
+import os
+import sys
+
+# Run as a file, Python puts fastgan/ itself first on sys.path, where its modules could shadow
+# others by name; the installed package is what we import.
+if sys.path and os.path.abspath(sys.path[0] or os.curdir) == os.path.dirname(os.path.abspath(__file__)):
+    del sys.path[0]
+
+try:
+    import fastgan  # noqa: F401
+except ImportError:
+    sys.exit("fastgan is not installed: run `pip install -e .` in the repository root")
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastgan import checkpoint, distrib, images
+from fastgan import config as config_mod
+from fastgan.models import build, num_params, resolve_backend
+from fastgan.progress import Progress
+from fastgan.step import TrainStep
+
+USAGE = """usage: python fastgan/train.py CONFIG [--key=value ...] [--resume PATH] [--device cpu|cuda]
+       torchrun --nproc_per_node=N fastgan/train.py CONFIG [--key=value ...]
+
+CONFIG is a Python config file (configs/...) or a saved config.json. Restarting with the same
+work_dir resumes from the newest readable checkpoint; --resume PATH starts from that one.
+
+config keys (--key=value; nested keys dotted, e.g. --model.base_channels=64):
+"""
+
+LOSS_NAMES = ("loss_d_fake", "loss_d_real", "loss_g")
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def parse_args(argv: list[str]) -> tuple[str, list[str], str | None, str | None]:
+    if not argv or argv[0] in ("-h", "--help") or "--help" in argv or "-h" in argv:
+        print(USAGE + config_mod.describe())
+        sys.exit(0)
+    path, rest = argv[0], argv[1:]
+    found = {"--resume": None, "--device": None}
+    overrides, i = [], 0
+    while i < len(rest):
+        arg = rest[i]
+        name = arg.split("=", 1)[0]
+        if name in found:
+            if "=" in arg:
+                found[name] = arg.split("=", 1)[1]
+            elif i + 1 < len(rest):
+                found[name] = rest[i + 1]
+                i += 1
+            else:
+                sys.exit(f"{name} needs a value")
+        else:
+            overrides.append(arg)
+        i += 1
+    return path, overrides, found["--resume"], found["--device"]
+
+
+class RunLog:
+    """log.jsonl, TensorBoard and stdout, written by rank 0 only."""
+
+    def __init__(self, cfg, d: distrib.Dist, progress: Progress):
+        self.main, self.progress = d.main, progress
+        self.path = Path(cfg.work_dir) / "log.jsonl"
+        self.tb = None
+        if not self.main:
+            return
+        if self.path.is_file() and self.path.stat().st_size:
+            with open(self.path, "rb") as f:      # a kill may have cut the last line short
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    with open(self.path, "a") as out:
+                        out.write("\n")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(Path(cfg.work_dir) / "tensorboard"))
+        except ImportError:
+            pass
+
+    def say(self, message: str) -> None:
+        if self.main:
+            self.progress.write(message)
+
+    def record(self, entry: dict) -> None:
+        if not self.main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        if self.tb is not None and "iter" in entry:
+            for k, v in entry.items():
+                if k not in ("iter", "time", "event") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, entry["iter"])
+
+    def image(self, tag: str, grid: np.ndarray, step: int) -> None:
+        if self.main and self.tb is not None:
+            self.tb.add_image(tag, grid, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _fixed_noise(cfg, G, device) -> torch.Tensor:
+    """The sample grids' noise: from cfg.seed alone, drawn on the CPU, so the same on every
+    rank, device and resume."""
+    return G.sample_noise(cfg.num_samples, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+
+
+def _write_samples(cfg, d, G, z, iteration: int, log: RunLog) -> None:
+    """training_samples/iter_N.png from G in eval mode (running statistics synced from rank 0)."""
+    distrib.broadcast_buffers(d, G)
+    if not d.main:
+        return
+    G.eval()
+    with torch.no_grad():
+        fake = G(z)
+    G.train()
+    nrow = max(1, math.isqrt(cfg.num_samples))
+    grid = images.make_grid(fake, nrow=nrow)
+    images.save_png(grid, Path(cfg.work_dir) / "training_samples" / f"iter_{iteration}.png")
+    log.image("samples", grid, iteration)
+
+
+def _save_checkpoint(cfg, d, G, D, step: TrainStep, noise_gen, iteration: int, best: dict | None,
+                     path: Path | None = None) -> Path | None:
+    """ckpt/iter_N.pt (every rank's RNG states gathered to rank 0), then prune."""
+    distrib.broadcast_buffers(d, G, D)
+    rng = distrib.gather_objects(d, {**checkpoint.rng_state(), "noise": noise_gen.get_state()})
+    if not d.main:
+        return None
+    state = {"iteration": iteration, "G": checkpoint.clean_state_dict(G), "D": checkpoint.clean_state_dict(D),
+             **step.state_dict(), "rng": rng, "world_size": d.world_size, "best": best,
+             "config": config_mod.to_dict(cfg)}
+    ckpt_dir = Path(cfg.work_dir) / "ckpt"
+    path = checkpoint.save(state, path or ckpt_dir / f"iter_{iteration}.pt")
+    checkpoint.prune(ckpt_dir, cfg.keep_ckpts)
+    return path
+
+
+def _find_start(cfg, d, resume: str | None, log: RunLog) -> tuple[Path, dict] | None:
+    ckpt_dir = Path(cfg.work_dir) / "ckpt"
+    if resume:
+        return Path(resume), checkpoint.load(resume)      # named explicitly: unreadable is an error
+    if d.main:
+        for p in checkpoint.remove_temp_files(ckpt_dir):
+            log.say(f"removed {p.name}, left by an interrupted write")
+    distrib.barrier(d)
+    return checkpoint.load_latest(ckpt_dir, warn=lambda m: log.say(f"warning: {m}"))
+
+
+def _restore(state: dict, d, G, D, step: TrainStep, noise_gen, log: RunLog) -> None:
+    try:
+        G.load_state_dict(state["G"])
+        D.load_state_dict(state["D"])
+    except RuntimeError as e:
+        raise TrainingError(f"the checkpoint's model does not fit this config's model "
+                            f"(checkpoint: {state['config'].get('model')}):\n{e}") from None
+    step.load_state_dict(state)
+    rng = state.get("rng") or []
+    if len(rng) == d.world_size:
+        checkpoint.set_rng_state(rng[d.rank])
+        noise_gen.set_state(rng[d.rank]["noise"])
+    else:
+        log.say(f"warning: checkpoint written by {len(rng)} processes, resuming with {d.world_size}: "
+                "the run continues, but not bit-identical to an uninterrupted one")
+
+
+def _finish(cfg, d, G, fixed_z, iteration: int, log: RunLog) -> None:
+    """Final sample grid and generator.safetensors (also after a kill between them)."""
+    work = Path(cfg.work_dir)
+    if not (work / "training_samples" / f"iter_{iteration}.png").is_file():
+        _write_samples(cfg, d, G, fixed_z, iteration, log)
+    if d.main:
+        checkpoint.save_generator(G, cfg, work / "generator.safetensors")
+
+
+def _read_losses(d, acc: torch.Tensor, count: int, iteration: int, log: RunLog,
+                 ckpt_note: str) -> dict[str, float]:
+    """The one host sync: mean losses since the last read, summed over ranks; NaN/Inf stops."""
+    total = distrib.all_sum(d, acc) / (count * d.world_size)
+    values = total.tolist()
+    if not all(math.isfinite(v) for v in values):
+        raise TrainingError(f"loss is not finite at iteration <= {iteration} "
+                            f"({', '.join(f'{k}={v}' for k, v in zip(LOSS_NAMES, values))}); "
+                            f"stopped without saving. {ckpt_note} Try a lower lr, amp=fp32, or another seed.")
+    out = dict(zip(LOSS_NAMES, values))
+    out["loss_d"] = out["loss_d_fake"] + out["loss_d_real"]
+    return out
+
+
+def train(cfg, d: distrib.Dist, resume: str | None = None) -> int:
+    """Run (or resume) training; returns the last iteration reached."""
+    work = Path(cfg.work_dir)
+    backend = resolve_backend(cfg.backend, d.device)
+    if backend == "triton" and d.device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")   # before fastgan.kernels first loads
+    progress = Progress(cfg.total_iters, unit_items=cfg.batch_size * d.world_size, enabled=d.main)
+    if d.main:
+        work.mkdir(parents=True, exist_ok=True)
+        config_mod.save(cfg, work / "config.json")
+    distrib.barrier(d)
+    log = RunLog(cfg, d, progress)
+    log.say(f"config:\n{config_mod.dumps(cfg)}")
+
+    _seed_everything(cfg.seed)                 # identical init on every rank
+    G, D = build(cfg.model, backend)
+    G.deterministic = D.deterministic = cfg.deterministic
+    G.to(d.device)
+    D.to(d.device)
+    log.say(f"backend {backend} on {d.device} x{d.world_size}, amp {cfg.amp}, compile {cfg.compile}; "
+            f"G {num_params(G):,} params, D {num_params(D):,} params")
+    _seed_everything(cfg.seed + d.rank)        # everything random after init differs per rank
+    noise_gen = torch.Generator(d.device).manual_seed(cfg.seed + d.rank)
+    fixed_z = _fixed_noise(cfg, G, d.device)
+
+    found = _find_start(cfg, d, resume, log)
+    start, best = 0, None
+    if found:
+        path, state = found
+        start, best = state["iteration"], state.get("best")
+        if start >= cfg.total_iters:
+            G.load_state_dict(state["G"])
+            _finish(cfg, d, G, fixed_z, start, log)
+            log.say(f"{work} already finished: {path.name} is at iteration {start} "
+                    f"(total_iters={cfg.total_iters}). Raise --total_iters to train further.")
+            log.close()
+            return start
+    step = TrainStep(cfg, G, D, d.device, distributed=d.enabled)
+    if found:
+        _restore(state, d, G, D, step, noise_gen, log)
+        del state
+        log.say(f"resumed from {path} at iteration {start}")
+        log.record({"event": "resume", "iter": start, "from": str(path), "time": time.time()})
+
+    from fastgan.data import build_loader
+    loader = build_loader(cfg, rank=d.rank, world_size=d.world_size, device=d.device, start_iter=start)
+    log.say(f"data: {loader.name}, {loader.num_images:,} images, {loader.batches_per_epoch:,} batches/epoch per rank")
+    evaluator = None
+    if cfg.eval_interval > 0:
+        from fastgan.metrics import LOWER_IS_BETTER, Evaluator
+        evaluator = Evaluator(cfg, d.device, d.rank, d.world_size)
+
+    acc = torch.zeros(len(LOSS_NAMES), device=d.device)
+    count, last_ckpt = 0, f"The last checkpoint is ckpt/iter_{start}.pt." if start else "No checkpoint was written."
+    t_log, it_log, t0 = time.perf_counter(), start, time.time()
+    progress.reset(start)
+    data = iter(loader)
+    for it in range(start, cfg.total_iters):
+        real = next(data)
+        acc += step.step(real, step.noise(cfg.batch_size, noise_gen))
+        count += 1
+        done = it + 1
+        progress.update()
+        final = done == cfg.total_iters
+        ckpt_now = done % cfg.ckpt_interval == 0 or final
+        if done % cfg.log_interval == 0 or ckpt_now:
+            losses = _read_losses(d, acc, count, done, log, last_ckpt)
+            acc.zero_()
+            count = 0
+            now = time.perf_counter()
+            img_s = (done - it_log) * cfg.batch_size * d.world_size / (now - t_log)
+            t_log, it_log = now, done
+            entry = {"iter": done, **{k: round(v, 6) for k, v in losses.items()}, "img_per_s": round(img_s, 1),
+                     "lr_g": cfg.optim.lr_g, "lr_d": cfg.optim.lr_d, "elapsed_s": round(time.time() - t0, 2),
+                     "time": time.time()}
+            log.record(entry)
+            log.say(f"iter {done}/{cfg.total_iters}  loss_d {losses['loss_d']:.4f} "
+                    f"(fake {losses['loss_d_fake']:.4f}, real {losses['loss_d_real']:.4f})  "
+                    f"loss_g {losses['loss_g']:.4f}  {img_s:,.1f} img/s")
+        if done % cfg.sample_interval == 0 or final:
+            _write_samples(cfg, d, G, fixed_z, done, log)
+        if evaluator is not None and (done % cfg.eval_interval == 0 or final):
+            best = _evaluate(cfg, d, G, D, step, noise_gen, evaluator, LOWER_IS_BETTER, done, best, log)
+        if ckpt_now:
+            path = _save_checkpoint(cfg, d, G, D, step, noise_gen, done, best)
+            last_ckpt = f"The last checkpoint is ckpt/iter_{done}.pt."
+            if path:
+                log.say(f"saved {path}")
+    progress.close()
+    _finish(cfg, d, G, fixed_z, cfg.total_iters, log)
+    log.say(f"done: {work / 'generator.safetensors'}")
+    log.close()
+    return cfg.total_iters
+
+
+def _evaluate(cfg, d, G, D, step, noise_gen, evaluator, lower_is_better, iteration, best, log):
+    """Metrics every eval_interval; ckpt/best.pt follows cfg.eval.best_metric."""
+    distrib.broadcast_buffers(d, G)
+    G.eval()
+    with torch.no_grad():
+        results = evaluator(G)
+    G.train()
+    log.record({"iter": iteration, **{f"eval/{k}": v for k, v in results.items()}, "time": time.time()})
+    log.say(f"eval at {iteration}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+    name = cfg.eval.best_metric
+    if name and name in results:
+        value, lower = results[name], lower_is_better.get(name, True)
+        if best is None or (value < best["value"] if lower else value > best["value"]):
+            best = {"metric": name, "value": value, "iter": iteration}
+            _save_checkpoint(cfg, d, G, D, step, noise_gen, iteration, best,
+                             path=Path(cfg.work_dir) / "ckpt" / "best.pt")
+            log.say(f"new best {name} {value:.4f}: ckpt/best.pt")
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    path, overrides, resume, device = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = config_mod.load(path, overrides)
+    except config_mod.ConfigError as e:
+        sys.exit(f"config error: {e}")
+    d = distrib.setup(device)
+    try:
+        train(cfg, d, resume)
+    except (TrainingError, checkpoint.CheckpointError) as e:
+        sys.exit(f"error: {e}")
+    finally:
+        distrib.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
