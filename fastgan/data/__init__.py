@@ -1,0 +1,199 @@
+"""fastgan's data path: images from a folder, an idx file or the synthetic generator, decoded once
+into a cache (GPU or host memory) or streamed, served as (B, C, R, R) batches in [-1, 1].
+
+    loader = build_loader(cfg, rank=0, world_size=1, device=torch.device("cuda"), start_iter=0)
+    loader.name, loader.num_images, loader.batches_per_epoch
+    for real in loader: ...      # forever; iteration k is the same batch in every run (sampler.py)
+
+Which path (logged as loader.name):
+    data.cache=gpu|host  decode every image once (DALI, or PIL when data.loader=torch or DALI is
+                         absent), keep the uint8 array on disk (cache.py) and in GPU or host memory,
+                         index it per batch. gpu without a GPU means host.
+    data.cache=off       decode every batch: DALI (dali.DaliStream) or a torch DataLoader with PIL
+                         (torch_loader.TorchStream). Also chosen when the cache would not fit.
+Unusable files are found before any decoder sees them, skipped, and named in one warning.
+With torch.distributed initialised, local rank 0 of each node writes synthetic images and
+builds the cache while the other ranks wait; an error on one rank is raised on all of them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import cache, dali, synthetic, transforms
+from .progress import Progress
+from .sampler import ArrayLoader, Loader, Schedule
+from .sources import DataError, check_files, list_folder, read_idx
+from .torch_loader import TorchStream, decode_into
+
+__all__ = ["build_loader", "DataError", "Loader", "Schedule"]
+
+GPU_CACHE_SHARE = 0.5    # the cache may take this share of free GPU memory (the nets need the rest)
+HOST_CACHE_SHARE = 0.5   # and this share of physical host memory
+
+
+def _quiet(*args, **kwargs):
+    pass
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _on_builders(fn, log):
+    """Run fn on local rank 0 of every node (every process without torch.distributed); the others
+    wait. An error anywhere is raised everywhere, so no rank hangs on a barrier."""
+    builder = not _distributed() or int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
+    result, error = None, None
+    if builder:
+        try:
+            result = fn()
+        except Exception as e:  # re-raised below, after the other ranks hear about it
+            error = e
+    if _distributed():
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
+        other = next((e for e in errors if e), None)
+        if other and error is None:
+            raise DataError(f"data preparation failed on another rank: {other}")
+    if error is not None:
+        raise error
+    return result
+
+
+def _warn_skipped(skipped: list, listed: int, root, log) -> None:
+    if skipped:
+        named = ", ".join(f"{Path(f).name} ({why})" for f, why in skipped[:5])
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        log(f"warning: data: skipped {len(skipped)} of {listed} image files in {root} that cannot be "
+            f"read: {named}{more}")
+
+
+def _kind(choice: str) -> str:
+    if choice == "torch":
+        return "torch"
+    if dali.available():
+        return "dali"
+    if choice == "dali":
+        raise DataError("data.loader=dali, but NVIDIA DALI is not installed: pip install 'fastgan[dali]'")
+    return "torch"
+
+
+def _placement(choice: str, device: torch.device, nbytes: int, kind: str, log) -> str:
+    """gpu | host | off, and why when it is not what data.cache asked for."""
+    if choice == "gpu" and device.type != "cuda":
+        log("data: data.cache=gpu without a GPU: the decoded images live in host memory")
+        choice = "host"
+    if choice == "gpu":
+        free = torch.cuda.mem_get_info(device)[0]
+        if nbytes > GPU_CACHE_SHARE * free:
+            choice = "off" if kind == "dali" else "host"
+            log(f"data: the decoded dataset ({nbytes / 2**30:.1f} GiB) does not fit in GPU memory "
+                f"({free / 2**30:.1f} GiB free): {'streaming through DALI' if kind == 'dali' else 'host memory'}")
+    if choice == "host":
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if nbytes > HOST_CACHE_SHARE * total:
+            log(f"data: the decoded dataset ({nbytes / 2**30:.1f} GiB) does not fit in host memory "
+                f"({total / 2**30:.1f} GiB): decoding every batch")
+            choice = "off"
+    return choice
+
+
+def build_loader(cfg, rank: int = 0, world_size: int = 1, device=torch.device("cpu"), start_iter: int = 0,
+                 log=None, dtype: torch.dtype = torch.float32) -> Loader:
+    """The training batches for this rank. log: a print-like callable (rank 0 only; default print)."""
+    device = torch.device(device)
+    log = (log or print) if rank == 0 else _quiet
+    d, m = cfg.data, cfg.model
+    if d.crop_size is not None and d.crop_size < 1:
+        raise DataError(f"data.crop_size must be at least 1, got {d.crop_size}")
+    spec = (m.channels, m.resolution, d.recipe, d.crop_size)
+    sched = lambda n: Schedule(n, cfg.batch_size, cfg.seed, rank, world_size, d.flip)  # noqa: E731
+    if d.source == "idx":
+        raw = read_idx(d.root)
+        images = transforms.apply_array(raw, m.resolution, m.channels, d.recipe, d.crop_size)
+        where = device if d.cache == "gpu" and device.type == "cuda" else torch.device("cpu")
+        loader = ArrayLoader(torch.from_numpy(images).to(where), sched(len(images)), device, start_iter, dtype,
+                             name=f"idx in {'gpu' if where.type == 'cuda' else 'host'} memory")
+        log(f"data: {len(images)} images of {raw.shape[1]}x{raw.shape[2]} from {d.root} -> "
+            f"{m.resolution}x{m.resolution}x{m.channels}; loader: {loader.name}")
+        return loader
+
+    root = Path(d.root).expanduser()
+    if d.source == "synthetic":
+        _on_builders(lambda: synthetic.ensure(root, d.synthetic_count, d.num_workers, log), log)
+        paths = [root / synthetic.file_name(i) for i in range(d.synthetic_count)]
+    else:
+        paths = list_folder(root)
+        if not paths:
+            raise DataError(f"no .jpg/.jpeg/.png files in {root} (data.source=folder)")
+    kind = _kind(d.loader)
+    mixed = kind == "dali" and device.type == "cuda"
+    decoder = f"dali {'mixed' if mixed else 'cpu'}" if kind == "dali" else f"pil ({d.num_workers} workers)"
+    threads = max(2, d.num_workers)
+    place = _placement(d.cache, device, len(paths) * m.channels * m.resolution ** 2, kind, log)
+
+    if place == "off":
+        bar = Progress("checking files", len(paths), "files", enabled=rank == 0)
+        checks = check_files(paths, workers=2 * threads, progress=bar)
+        bar.close()
+        skipped = [(str(p), why) for p, (why, _) in zip(paths, checks) if why]
+        if kind == "dali":   # DALI gets JPEG/PNG with a complete tail; PIL-only files stay out
+            skipped += [(str(p), "only PIL decodes it; use data.cache=host to include it")
+                        for p, (why, ok) in zip(paths, checks) if not why and not ok]
+        good = [p for p, (why, ok) in zip(paths, checks) if not why and (ok or kind == "torch")]
+        _warn_skipped(skipped, len(paths), root, log)
+        if not good:
+            raise DataError(f"no usable image in {root}: all {len(paths)} image files are unreadable")
+        if kind == "dali":
+            loader = dali.DaliStream(good, spec, sched(len(good)), device, start_iter, dtype, threads)
+        else:
+            loader = TorchStream(good, spec, sched(len(good)), device, start_iter, dtype, d.num_workers)
+        loader.skipped = skipped
+        log(f"data: {len(good)} images in {root}, {d.recipe} -> {m.resolution}x{m.resolution}x{m.channels}; "
+            f"loader: {loader.name}")
+        return loader
+
+    def decode(files, out, rows, bar, dali_ok):
+        if kind == "torch":
+            return decode_into(files, out, rows, spec, d.num_workers, bar)
+        pil = lambda f, o, r: decode_into(f, o, r, spec, 1)  # noqa: E731  (DALI's fallback)
+        mine = [i for i, ok in enumerate(dali_ok) if ok]
+        rest = [i for i, ok in enumerate(dali_ok) if not ok]
+        failed = dali.decode_into([files[i] for i in mine], out, [rows[i] for i in mine], spec,
+                                  device.index or 0 if mixed else None, threads, bar, log, pil)
+        failed.update(decode_into([files[i] for i in rest], out, [rows[i] for i in rest], spec, d.num_workers, bar))
+        return failed
+
+    k = cache.key(paths, root, spec)
+    stem = cache.location(d.cache_dir, root, spec, k)
+
+    def ensure_cache():
+        if cache.load(stem, k, spec) is not None:
+            return "loaded"
+        log(f"data: decoding {len(paths)} files in {root} once into {stem}.npy")
+        cache.build(paths, root, stem, k, spec, decode, decoder, d.num_workers, rank == 0, log)
+        return "built"
+
+    how = _on_builders(ensure_cache, log) or "loaded"
+    found = cache.load(stem, k, spec)
+    if found is None:
+        raise DataError(f"decoded cache {stem}.npy is missing or damaged after it was built "
+                        "(is data.cache_dir on a filesystem every rank sees?)")
+    images, meta = found
+    _warn_skipped(meta["skipped"], meta["listed"], root, log)
+    holes = set(meta["holes"])
+    rows = np.array([r for r in range(len(images)) if r not in holes]) if holes else None
+    loader = ArrayLoader(cache.to_memory(images, device if place == "gpu" else torch.device("cpu")),
+                         sched(len(images) - len(holes)), device, start_iter, dtype, rows,
+                         name=f"{'torch' if kind == 'torch' else decoder} + {place} cache")
+    loader.skipped = [(str(root / f), why) for f, why in meta["skipped"]]
+    log(f"data: {loader.num_images} images in {root}, {d.recipe} -> {m.resolution}x{m.resolution}x{m.channels}; "
+        f"{how} cache {stem}.npy ({images.nbytes / 2**20:.0f} MiB, decoded by {meta['decoder']}); "
+        f"loader: {loader.name}")
+    return loader
