@@ -3,8 +3,8 @@
     ev = Evaluator(cfg, device, rank, world_size)   # real-data statistics: computed once, cached
     scores = ev(G)                                  # {"swd": ..., "swd_64": ..., "ms_ssim": ..., "fid": ...}
 
-Rank 0 does the work; with torch.distributed initialised the other ranks wait in a broadcast and
-return the same dict. Fakes come from a fixed noise seed, so two evaluations of one generator agree
+Rank 0 does the work; with torch.distributed initialised the other ranks help read the real
+images once, then wait in a broadcast and return the same dict. Fakes come from a fixed noise seed, so two evaluations of one generator agree
 and two checkpoints are compared on the same z. Images are quantised to uint8 first, as saved
 samples are: metrics see what a user sees.
 
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from fastgan.metrics import fid as fid_mod
 from fastgan.metrics.inception import feature_net
@@ -115,7 +116,10 @@ class Evaluator:
     """Metrics of a generator; see the module docstring. Keyword arguments override cfg.eval.*
     (metrics, num_samples, inception_weights) and the batch size (default cfg.batch_size).
     `real_batches`: an iterable of float [-1, 1] image batches to use instead of the configured
-    dataset (nothing is cached then)."""
+    dataset, in one process (nothing is cached then).
+
+    Under torch.distributed every rank must construct it and call it (the data loader and the
+    result broadcast are collectives); an error on rank 0 is raised on every rank."""
 
     def __init__(self, cfg, device, rank: int = 0, world_size: int = 1, *, metrics=None,
                  num_samples: int | None = None, batch_size: int | None = None,
@@ -134,14 +138,41 @@ class Evaluator:
         if best and best not in LOWER_IS_BETTER:
             raise ValueError(f"eval.best_metric {best!r} is not a metric; valid: {', '.join(LOWER_IS_BETTER)}")
         self.reals = self.real_feats = self.net = None
-        if rank != 0:
-            return
-        if any(m in NEEDS_FEATURES for m in self.metrics):   # fail on a missing file before any slow work
-            self.net = feature_net(inception_weights, cfg.eval.inception_weights, cfg.data.cache_dir)
-        if "swd" in self.metrics or "fid" in self.metrics or "kid" in self.metrics:
-            self.reals = self._real_images(real_batches)
+        if any(m in NEEDS_FEATURES for m in self.metrics):   # a missing file fails before any slow work
+            self.net = self._on_rank0(lambda: feature_net(inception_weights, cfg.eval.inception_weights,
+                                                          cfg.data.cache_dir).to(self.device))
+        if not any(m in ("swd", "fid", "kid") for m in self.metrics):
+            return                                           # MS-SSIM and IS need no real data
+        cache = real_batches is None
+        if not self._on_rank0(lambda: self._load_cached_reals() if cache else False, share=True):
+            images = self._collect_reals(real_batches)
+            self._on_rank0(lambda: self._store_reals(images, cache))
         if "fid" in self.metrics or "kid" in self.metrics:
-            self.real_feats = self._real_features(cache=real_batches is None)
+            self._on_rank0(lambda: self._prepare_features(cache))
+
+    # -- running on rank 0 ---------------------------------------------------------------------
+
+    def _distributed(self) -> bool:
+        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+    def _on_rank0(self, fn, share: bool = False):
+        """fn() on rank 0; its error is raised on every rank, so none waits in a collective forever.
+        share=True also hands rank 0's (small) result to every rank."""
+        result, error = None, None
+        if self.rank == 0:
+            try:
+                result = fn()
+            except Exception as e:          # re-raised below, after the other ranks hear of it
+                error = e
+        if self._distributed():
+            box = [None if error is None else f"{type(error).__name__}: {error}", result if share else None]
+            dist.broadcast_object_list(box, src=0)
+            if box[0] is not None and error is None:
+                raise RuntimeError(f"evaluation failed on rank 0: {box[0]}")
+            result = box[1] if share else result
+        if error is not None:
+            raise error
+        return result
 
     # -- real data -----------------------------------------------------------------------------
 
@@ -157,43 +188,59 @@ class Evaluator:
     def _cache(self, suffix: str) -> Path:
         return Path(self.cfg.data.cache_dir).expanduser() / f"{self._key()}{suffix}.npz"
 
-    def _real_images(self, real_batches) -> torch.Tensor:
-        path = None if real_batches is not None else self._cache("")
-        if path is not None and path.is_file():
-            with np.load(path) as z:
-                return torch.from_numpy(z["images"])
+    def _load_cached_reals(self) -> bool:
+        path = self._cache("")
+        if not path.is_file():
+            return False
+        with np.load(path) as z:
+            self.reals = torch.from_numpy(z["images"])
+        return True
+
+    def _collect_reals(self, real_batches) -> list[torch.Tensor]:
+        """This rank's share of num_samples real images (uint8, CPU); all of them in one process."""
+        want = self.num_samples
         if real_batches is None:
             from fastgan.data import build_loader
             cfg = copy.deepcopy(self.cfg)
             cfg.data.flip = False             # statistics of the data itself
             cfg.batch_size = self.batch_size
-            real_batches = build_loader(cfg, 0, 1, self.device, start_iter=0)
+            real_batches = build_loader(cfg, self.rank, self.world_size, self.device, start_iter=0)
+            if real_batches.num_images < self.num_samples and self.rank == 0:
+                print(f"eval: the data has {real_batches.num_images} images, fewer than the "
+                      f"{self.num_samples} compared: some real images count more than once", flush=True)
+            want = -(-want // self.world_size)
         got, out = 0, []
-        bar = Progress(self.num_samples, desc="real images", enabled=self.progress)
+        bar = Progress(want, desc="real images", enabled=self.progress)
         for batch in real_batches:
-            out.append(quantize(batch[:self.num_samples - got]).cpu())
+            out.append(quantize(batch[:want - got]).cpu())
             got += out[-1].shape[0]
             bar.update(out[-1].shape[0])
-            if got >= self.num_samples:
+            if got >= want:
                 break
         bar.close()
-        if got < self.num_samples:
-            raise ValueError(f"the real data gave {got} images; {self.num_samples} are needed")
-        images = torch.cat(out)
-        if path is not None:
-            _save_npz(path, images=images.numpy())
-        return images
+        if got < want:
+            raise ValueError(f"the real data gave {got} images; {want} are needed")
+        if not self._distributed():
+            return out
+        parts = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(torch.cat(out).numpy(), parts, dst=0)
+        return [torch.from_numpy(p) for p in parts] if self.rank == 0 else []
 
-    def _real_features(self, cache: bool) -> torch.Tensor:
+    def _store_reals(self, parts: list[torch.Tensor], cache: bool) -> None:
+        self.reals = torch.cat(parts)[:self.num_samples]
+        if cache:
+            _save_npz(self._cache(""), images=self.reals.numpy())
+
+    def _prepare_features(self, cache: bool) -> None:
         path = self._cache(f"_{self.net.name}") if cache else None
         if path is not None and path.is_file():
             with np.load(path) as z:
-                return torch.from_numpy(z["features"])
-        feats, _ = extract(self.net.to(self.device), self.reals, self.batch_size, self.device,
-                           "real features", self.progress)
+                self.real_feats = torch.from_numpy(z["features"])
+            return
+        self.real_feats, _ = extract(self.net, self.reals, self.batch_size, self.device,
+                                     "real features", self.progress)
         if path is not None:
-            _save_npz(path, features=feats.numpy())
-        return feats
+            _save_npz(path, features=self.real_feats.numpy())
 
     # -- one evaluation ------------------------------------------------------------------------
 
@@ -206,8 +253,7 @@ class Evaluator:
         if "ms_ssim" in self.metrics:
             out["ms_ssim"] = ms_ssim_pairs(fakes)
         if self.net is not None:
-            feats, logits = extract(self.net.to(self.device), fakes, self.batch_size, self.device,
-                                    "fake features", self.progress)
+            feats, logits = extract(self.net, fakes, self.batch_size, self.device, "fake features", self.progress)
             if "fid" in self.metrics:
                 out["fid"] = fid_mod.fid(self.real_feats, feats)
             if "kid" in self.metrics:
@@ -217,9 +263,5 @@ class Evaluator:
         return out
 
     def __call__(self, G: torch.nn.Module) -> dict[str, float]:
-        out = self.compute(G) if self.rank == 0 else None
-        if self.world_size > 1 and torch.distributed.is_initialized():
-            box = [out]
-            torch.distributed.broadcast_object_list(box, src=0)
-            out = box[0]
-        return out
+        """The same dict on every rank."""
+        return self._on_rank0(lambda: self.compute(G), share=True)

@@ -1,0 +1,123 @@
+"""Score a trained generator against its dataset, offline (MMGeneration's tools/evaluation.py).
+
+    python fastgan/evaluate.py CONFIG CKPT [--metrics swd,ms_ssim[,fid,kid,is]] [--num-samples N]
+                               [--out FILE.json] [--inception-weights PATH] [--device cpu|cuda]
+                               [--batch-size N] [--key=value ...]
+
+CKPT: ckpt/iter_N.pt, ckpt/best.pt, generator.safetensors, or a work_dir. CONFIG: the config file
+the run used, or the work_dir's config.json; --key=value overrides it (e.g. --data.root=...).
+Defaults come from the config's eval.* keys (MMGen's DCGAN: SWD and MS-SSIM on 16384 images).
+FID, KID and IS need pt_inception-2015-12-05-6726825d.pth (--inception-weights, $FASTGAN_INCEPTION,
+or eval.inception_weights); nothing is ever downloaded. Real-data statistics are cached in
+data.cache_dir. Prints a table and writes the scores as JSON (default: next to CKPT).
+"""
+
+import os
+import sys
+
+if sys.path and os.path.abspath(sys.path[0] or os.curdir) == os.path.dirname(os.path.abspath(__file__)):
+    del sys.path[0]      # run as a file: fastgan/ must not shadow other modules
+
+try:
+    import fastgan  # noqa: F401
+except ImportError:
+    sys.exit("fastgan is not installed: run `pip install -e .` in the repository root")
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from fastgan import config as config_mod
+from fastgan.checkpoint import CheckpointError, atomic_write, load_generator
+from fastgan.metrics import LOWER_IS_BETTER, Evaluator, InceptionWeightsError, parse_metrics
+from fastgan.models import resolve_backend
+
+# MMGeneration's published DCGAN CelebA-cropped 64x64 scores (configs/dcgan/README.md)
+MMGEN_DCGAN = {"swd_64": 8.93, "swd_32": 10.53, "swd_16": 50.32, "swd": 23.26, "ms_ssim": 0.2899}
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(prog="python fastgan/evaluate.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+                                epilog="Any other --key=value overrides the config.")
+    p.add_argument("config", help="config file (.py) or a work_dir's config.json")
+    p.add_argument("ckpt", help="ckpt/iter_N.pt, generator.safetensors, or a work_dir")
+    p.add_argument("--metrics", default=None, help="comma-separated: swd, ms_ssim, fid, kid, is "
+                                                   "(default: the config's eval.metrics)")
+    p.add_argument("--num-samples", type=int, default=None, help="generated (and real) images "
+                                                                 "(default: the config's eval.num_samples)")
+    p.add_argument("--out", default=None, help="JSON file to write (default: CKPT's name + _metrics.json)")
+    p.add_argument("--inception-weights", default=None, metavar="PATH",
+                   help="pt_inception-2015-12-05-6726825d.pth for fid, kid, is")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward (default 256)")
+    args, overrides = p.parse_known_args(argv)
+    if args.num_samples is not None and args.num_samples < 2:
+        p.error("--num-samples must be at least 2")
+    if args.batch_size < 1:
+        p.error("--batch-size must be at least 1")
+    if args.metrics is not None:
+        try:
+            parse_metrics(args.metrics)
+        except ValueError as e:
+            p.error(str(e))
+    return args, overrides
+
+
+def default_out(ckpt: str) -> Path:
+    path = Path(ckpt)
+    return path / "metrics.json" if path.is_dir() else path.with_name(path.stem + "_metrics.json")
+
+
+def table(scores: dict[str, float], reference: dict[str, float] | None) -> str:
+    head = f"{'metric':<10} {'value':>12}  {'better':<7}" + (f" {'MMGen DCGAN':>12}" if reference else "")
+    rows = [head, "-" * len(head)]
+    for k, v in scores.items():
+        row = f"{k:<10} {v:>12.4f}  {'lower' if LOWER_IS_BETTER.get(k, True) else 'higher':<7}"
+        if reference:
+            row += f" {reference[k]:>12.4f}" if k in reference else f" {'':>12}"
+        rows.append(row)
+    return "\n".join(rows)
+
+
+def evaluate(cfg, ckpt: str, device: torch.device, metrics=None, num_samples=None, batch_size=256,
+             inception_weights=None) -> dict[str, float]:
+    G = load_generator(ckpt, cfg, device=device, backend=resolve_backend(cfg.backend, device))
+    ev = Evaluator(cfg, device, metrics=metrics, num_samples=num_samples, batch_size=batch_size,
+                   inception_weights=inception_weights)
+    return ev(G)
+
+
+def main(argv=None) -> int:
+    args, overrides = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda, but no CUDA device is visible")
+    try:
+        cfg = config_mod.load(args.config, overrides)
+    except config_mod.ConfigError as e:
+        sys.exit(f"config error: {e}")
+    t0 = time.perf_counter()
+    try:
+        scores = evaluate(cfg, args.ckpt, device, args.metrics, args.num_samples, args.batch_size,
+                          args.inception_weights)
+    except (CheckpointError, InceptionWeightsError, ValueError) as e:   # DataError is a ValueError too
+        sys.exit(f"error: {e}")
+    seconds = time.perf_counter() - t0
+    mmgen_recipe = cfg.model.preset == "mmgen" and cfg.model.resolution == 64 and cfg.model.channels == 3
+    n = args.num_samples or cfg.eval.num_samples
+    print(f"{args.ckpt}: {n} samples on {device}, {seconds:.1f} s")
+    print(table(scores, MMGEN_DCGAN if mmgen_recipe else None))
+    out = Path(args.out) if args.out else default_out(args.ckpt)
+    record = {"config": args.config, "overrides": overrides, "checkpoint": args.ckpt, "num_samples": n,
+              "device": str(device), "seconds": round(seconds, 2), "metrics": scores}
+    atomic_write(out, lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
