@@ -73,12 +73,12 @@ def pipeline(files: list[str], labels: list[int], spec: tuple, *, batch_size: in
 
 
 def decode_into(paths: list, out: np.ndarray, rows: list[int], spec: tuple, device_id: int | None,
-                num_threads: int, progress=None, log=print, fallback=None) -> dict[int, str]:
+                num_threads: int, progress=None, log=print, fallback=None, batch: int | None = None) -> dict[int, str]:
     """Decode paths[i] into out[rows[i]] through DALI; {row: error} for files that fail.
 
     A batch that makes DALI raise is decoded by `fallback` (PIL) instead, and the pipeline is
     rebuilt after it: a bad file costs one batch of PIL decoding, not the build."""
-    batch = 256 if device_id is not None else 64
+    batch = batch or (256 if device_id is not None else 64)
     failed, i, warned = {}, 0, False
     while i < len(paths):
         pipe = pipeline([str(p) for p in paths[i:]], list(range(i, len(paths))), spec, batch_size=batch,

@@ -30,7 +30,11 @@ def crop_box(width: int, height: int, recipe: str, crop_size: int | None) -> tup
 def apply(img: Image.Image, resolution: int, recipe: str, crop_size: int | None) -> np.ndarray:
     """A decoded PIL image (mode RGB or L) through the recipe: uint8 (C, R, R)."""
     box = crop_box(img.width, img.height, recipe, crop_size)
-    img = img.resize((resolution, resolution), Image.BILINEAR, box=box)
+    if box != (0, 0, img.width, img.height):
+        # crop first: resize(box=...) would let the filter read pixels outside the box; DALI
+        # decodes the box alone (decoders.image_slice), and so do we
+        img = img.crop(box)
+    img = img.resize((resolution, resolution), Image.BILINEAR)
     a = np.asarray(img)
     return np.ascontiguousarray(a.transpose(2, 0, 1)) if a.ndim == 3 else a[None].copy()
 
