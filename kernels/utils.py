@@ -46,7 +46,7 @@ def gemm_blocks(m: int, n: int, k: int) -> dict:
     tiles are as large as the problem allows there.
     """
     if INTERPRET:
-        return dict(BLOCK_M=clamp_pow2(m, 16, 128), BLOCK_N=clamp_pow2(n, 16, 128),
+        return dict(BLOCK_M=clamp_pow2(m, 16, 512), BLOCK_N=clamp_pow2(n, 16, 128),
                     BLOCK_K=clamp_pow2(k, 16, 128), num_warps=4, num_stages=1)
     bm = clamp_pow2(m, 16, 128)
     bn = clamp_pow2(n, 16, 128)

@@ -27,7 +27,7 @@ from .utils import INTERPRET, Prologue, cdiv, clamp_pow2, dot_config, launch
 def _wgrad_kernel(
     b_ptr, b_aux, bv0, bv1, bv2, bv3,        # B (N, P, R, S) strided; its prologue aux/vectors
     g_ptr, g_aux, gv0, gv1, gv2, gv3,        # G (N, Q, GH, GW) strided; its prologue aux/vectors
-    dw_ptr,                                  # [SPLITS, P, Q, 4, 4] fp32 (SPLITS = 1: dW itself)
+    dw_ptr,                                  # [SPLITS, P, Q, 4, 4] fp32; dW itself with one split or atomics
     N, R, S, P, GH, GW, Q,
     sbn, sbc, sbh, sbw, sgn, sgc, sgh, sgw,
     rows_per_split, b_inv_count, b_slope, g_inv_count, g_slope,
@@ -69,8 +69,10 @@ def _wgrad_kernel(
         acc = tl.dot(tl.trans(to_dot(bt, DOT_DTYPE, INTERPRET)), to_dot(gt, DOT_DTYPE, INTERPRET),
                      acc, input_precision=PRECISION)
 
-    offs = split * P * Q * 16 + (p[:, None] * Q + q[None, :]) * 16 + kh * 4 + kw
+    offs = (p[:, None] * Q + q[None, :]) * 16 + kh * 4 + kw
     mask = pmask[:, None] & qmask[None, :]
+    if not ATOMIC:
+        offs += split * P * Q * 16       # one slice per split, summed afterwards
     if ATOMIC:
         tl.atomic_add(dw_ptr + offs, acc, mask=mask)
     else:
@@ -110,6 +112,13 @@ def _target_programs(device: torch.device) -> int:
     return 1 if device.type != "cuda" or INTERPRET else 2 * _num_sms(device.index or 0)
 
 
+def split_rows(rows: int, block: int, tiles: int, device: torch.device) -> tuple[int, int]:
+    """(splits, rows per split): enough programs for ~2 waves, each reducing >= 4 row blocks."""
+    splits = max(1, min(_target_programs(device) // tiles, cdiv(rows, 4 * block)))
+    per_split = cdiv(cdiv(rows, splits), block) * block
+    return cdiv(rows, per_split), per_split
+
+
 def wgrad(base: torch.Tensor, base_pro: Prologue, gathered: torch.Tensor, gathered_pro: Prologue, *,
           stride: int, padding: int, dtype: torch.dtype, allow_tf32: bool = False,
           deterministic: bool = False) -> torch.Tensor:
@@ -118,11 +127,8 @@ def wgrad(base: torch.Tensor, base_pro: Prologue, gathered: torch.Tensor, gather
     _, Q, GH, GW = gathered.shape
     M = N * R * S
     bp, bq = clamp_pow2(P, 16, 64), clamp_pow2(Q, 16, 64)
-    br = clamp_pow2(M, 16, 128 if INTERPRET else 64)
-    tiles = cdiv(P, bp) * cdiv(Q, bq) * 16
-    splits = max(1, min(_target_programs(base.device) // tiles, cdiv(M, 4 * br)))
-    rows_per_split = cdiv(cdiv(M, splits), br) * br
-    splits = cdiv(M, rows_per_split)
+    br = clamp_pow2(M, 16, 1024 if INTERPRET else 64)   # the interpreter pays per op, not per element
+    splits, rows_per_split = split_rows(M, br, cdiv(P, bp) * cdiv(Q, bq) * 16, base.device)
     atomic = splits > 1 and not deterministic
     if splits == 1 or atomic:
         dw = (torch.zeros if atomic else torch.empty)((P, Q, 4, 4), dtype=torch.float32, device=base.device)
@@ -142,10 +148,8 @@ def channel_sum(x: torch.Tensor, pro: Prologue) -> torch.Tensor:
     """sum over (n, h, w) of pro(x), per channel, fp32: bias gradients. Deterministic."""
     N, C, H, W = x.shape
     bc = clamp_pow2(C, 16, 128)
-    br = clamp_pow2(N * H * W, 16, 128)
-    progs = max(1, min(_target_programs(x.device) // cdiv(C, bc), cdiv(N * H * W, 4 * br)))
-    rows_per_prog = cdiv(cdiv(N * H * W, progs), br) * br
-    progs = cdiv(N * H * W, rows_per_prog)
+    br = clamp_pow2(N * H * W, 16, 1024 if INTERPRET else 128)
+    progs, rows_per_prog = split_rows(N * H * W, br, cdiv(C, bc), x.device)
     out = torch.empty((progs, C), dtype=torch.float32, device=x.device)
     launch(_channel_sum_kernel)[(progs, cdiv(C, bc))](
         x, *pro.args(x), out, N, C, H, W, *x.stride(), rows_per_prog, pro.inv_count, pro.slope,
