@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -65,11 +66,11 @@ def kid(real_feats: torch.Tensor, fake_feats: torch.Tensor, subsets: int = 100, 
     size = min(subset_size, real_feats.shape[0], fake_feats.shape[0])
     if size < 2:
         raise ValueError("KID needs at least 2 images per set")
-    g = torch.Generator().manual_seed(seed)
+    rng = np.random.RandomState(seed)      # torch-fidelity's draws: the same features give its numbers
     vals = []
     for _ in range(subsets):
-        a = real_feats[torch.randperm(real_feats.shape[0], generator=g)[:size].to(real_feats.device)]
-        b = fake_feats[torch.randperm(fake_feats.shape[0], generator=g)[:size].to(fake_feats.device)]
+        a = real_feats[torch.from_numpy(rng.choice(real_feats.shape[0], size, replace=False))]
+        b = fake_feats[torch.from_numpy(rng.choice(fake_feats.shape[0], size, replace=False))]
         vals.append(polynomial_mmd2(a, b))
     v = torch.tensor(vals, dtype=torch.float64)
     return float(v.mean()), float(v.std(unbiased=False))
@@ -81,8 +82,8 @@ def inception_score(logits: torch.Tensor, splits: int = 10, seed: int = 2020) ->
     splits = min(splits, n)
     if n < 1:
         raise ValueError("IS needs at least 1 image")
-    g = torch.Generator().manual_seed(seed)
-    logits = logits[torch.randperm(n, generator=g).to(logits.device)].double()
+    perm = torch.from_numpy(np.random.RandomState(seed).permutation(n))     # as torch-fidelity shuffles
+    logits = logits[perm.to(logits.device)].double()
     log_p = logits.log_softmax(dim=1)
     scores = []
     for i in range(splits):
