@@ -26,7 +26,6 @@ import torch
 import torch.distributed as dist
 
 from . import cache, dali, synthetic, transforms
-from .progress import Progress
 from .sampler import ArrayLoader, Loader, Schedule
 from .sources import DataError, check_files, list_folder, read_idx
 from .torch_loader import TorchStream, decode_into
@@ -126,7 +125,7 @@ def build_loader(cfg, rank: int = 0, world_size: int = 1, device=torch.device("c
 
     root = Path(d.root).expanduser()
     if d.source == "synthetic":
-        _on_builders(lambda: synthetic.ensure(root, d.synthetic_count, d.num_workers, log), log)
+        _on_builders(lambda: synthetic.ensure(root, d.synthetic_count, d.num_workers, log, rank == 0), log)
         paths = [root / synthetic.file_name(i) for i in range(d.synthetic_count)]
     else:
         paths = list_folder(root)
@@ -139,9 +138,7 @@ def build_loader(cfg, rank: int = 0, world_size: int = 1, device=torch.device("c
     place = _placement(d.cache, device, len(paths) * m.channels * m.resolution ** 2, kind, log)
 
     if place == "off":
-        bar = Progress("checking files", len(paths), "files", enabled=rank == 0)
-        checks = check_files(paths, workers=2 * threads, progress=bar)
-        bar.close()
+        checks = check_files(paths, workers=2 * threads, show=rank == 0)
         skipped = [(str(p), why) for p, (why, _) in zip(paths, checks) if why]
         if kind == "dali":   # DALI gets JPEG/PNG with a complete tail; PIL-only files stay out
             skipped += [(str(p), "only PIL decodes it; use data.cache=host to include it")

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .progress import Progress
+from fastgan.progress import Progress
+
 from .sources import DataError, check_files
 
 FORMAT = 1
@@ -91,9 +92,7 @@ def build(paths: list[Path], root: Path, stem: Path, k: str, spec: tuple, decode
     stem.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(stem)
     t0 = time.perf_counter()
-    bar = Progress("checking files", len(paths), "files", enabled=show)
-    checks = check_files(paths, workers=max(4, 2 * workers), progress=bar)
-    bar.close()
+    checks = check_files(paths, workers=max(4, 2 * workers), show=show)
     bad = [(str(p), why) for p, (why, _) in zip(paths, checks) if why]
     good = [(p, ok) for p, (why, ok) in zip(paths, checks) if not why]
     if not good:
@@ -105,7 +104,7 @@ def build(paths: list[Path], root: Path, stem: Path, k: str, spec: tuple, decode
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
                                         shape=(len(good), channels, resolution, resolution))
-        bar = Progress(f"decoding ({decoder})", len(good), "img", enabled=show)
+        bar = Progress(len(good), desc=f"decoding ({decoder})", enabled=show, every=10)
         failed = decode([p for p, _ in good], out, list(range(len(good))), bar, [ok for _, ok in good])
         bar.close()
         out.flush()

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fastgan.progress import Progress
+
 EXTENSIONS = (".jpg", ".jpeg", ".png")
 PNG_END = b"IEND\xaeB`\x82"
 
@@ -75,14 +77,15 @@ def check_file(path: str | Path) -> tuple[str | None, bool]:
     return None, False
 
 
-def check_files(paths: list[Path], workers: int = 8, progress=None) -> list[tuple[str | None, bool]]:
+def check_files(paths: list[Path], workers: int = 8, show: bool = True) -> list[tuple[str | None, bool]]:
     """check_file over many files on a thread pool (file reads release the GIL), in order."""
     out = []
+    bar = Progress(len(paths), desc="checking files", enabled=show, every=10)
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for result in pool.map(check_file, paths, chunksize=64):
             out.append(result)
-            if progress is not None:
-                progress.update(1)
+            bar.update(1)
+    bar.close()
     return out
 
 

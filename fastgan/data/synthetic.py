@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .progress import Progress
+from fastgan.progress import Progress
 
 VERSION = 1
 WIDTH, HEIGHT = 178, 218
@@ -161,7 +161,7 @@ def _write(root: str, indices: list[int]) -> int:
     return len(indices)
 
 
-def ensure(root: str | Path, count: int, num_workers: int = 2, log=print) -> list[Path]:
+def ensure(root: str | Path, count: int, num_workers: int = 2, log=print, show: bool = True) -> list[Path]:
     """Write the first `count` synthetic faces into `root` where missing; return their paths."""
     root = Path(root).expanduser()
     root.mkdir(parents=True, exist_ok=True)
@@ -178,7 +178,7 @@ def ensure(root: str | Path, count: int, num_workers: int = 2, log=print) -> lis
     if missing:
         log(f"data: writing {len(missing)} synthetic faces to {root}")
         chunks = [missing[i:i + 64] for i in range(0, len(missing), 64)]
-        bar = Progress("synthetic faces", len(missing), unit="img")
+        bar = Progress(len(missing), desc="synthetic faces", enabled=show, every=10)
         if num_workers > 1 and len(chunks) > 1:
             with ProcessPoolExecutor(min(num_workers, len(chunks))) as pool:
                 for n in pool.map(_write, [str(root)] * len(chunks), chunks):
