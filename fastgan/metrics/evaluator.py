@@ -257,7 +257,7 @@ class Evaluator:
             if "fid" in self.metrics:
                 out["fid"] = fid_mod.fid(self.real_feats, feats)
             if "kid" in self.metrics:
-                out["kid"], out["kid_std"] = fid_mod.kid(self.real_feats, feats)
+                out["kid"], out["kid_std"] = fid_mod.kid(self.real_feats.to(self.device), feats.to(self.device))
             if "is" in self.metrics:
                 out["is"], out["is_std"] = fid_mod.inception_score(logits)
         return out

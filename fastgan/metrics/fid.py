@@ -62,15 +62,16 @@ def polynomial_mmd2(x: torch.Tensor, y: torch.Tensor, degree: int = 3, coef0: fl
 
 def kid(real_feats: torch.Tensor, fake_feats: torch.Tensor, subsets: int = 100, subset_size: int = 1000,
         seed: int = 2020) -> tuple[float, float]:
-    """Mean and std of the unbiased polynomial MMD^2 over random subsets (without replacement)."""
+    """Mean and std of the unbiased polynomial MMD^2 over random subsets (without replacement).
+    Runs where the features are: 100 subsets at D = 2048 are ~1.2 TFLOP in float64."""
     size = min(subset_size, real_feats.shape[0], fake_feats.shape[0])
     if size < 2:
         raise ValueError("KID needs at least 2 images per set")
     rng = np.random.RandomState(seed)      # torch-fidelity's draws: the same features give its numbers
     vals = []
     for _ in range(subsets):
-        a = real_feats[torch.from_numpy(rng.choice(real_feats.shape[0], size, replace=False))]
-        b = fake_feats[torch.from_numpy(rng.choice(fake_feats.shape[0], size, replace=False))]
+        a = real_feats[torch.from_numpy(rng.choice(real_feats.shape[0], size, replace=False)).to(real_feats.device)]
+        b = fake_feats[torch.from_numpy(rng.choice(fake_feats.shape[0], size, replace=False)).to(fake_feats.device)]
         vals.append(polynomial_mmd2(a, b))
     v = torch.tensor(vals, dtype=torch.float64)
     return float(v.mean()), float(v.std(unbiased=False))
