@@ -67,6 +67,8 @@ def kid(real_feats: torch.Tensor, fake_feats: torch.Tensor, subsets: int = 100, 
     size = min(subset_size, real_feats.shape[0], fake_feats.shape[0])
     if size < 2:
         raise ValueError("KID needs at least 2 images per set")
+    if size == real_feats.shape[0] == fake_feats.shape[0]:
+        subsets = 1                        # every "subset" is the whole of both sets: one value
     rng = np.random.RandomState(seed)      # torch-fidelity's draws: the same features give its numbers
     vals = []
     for _ in range(subsets):
