@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from fastgan.progress import Progress
 
-VERSION = 1
+VERSION = 2
 WIDTH, HEIGHT = 178, 218
 MARKER = ".fastgan_synthetic.json"
 
@@ -105,14 +105,14 @@ def _head(rng, skin, hair, cx, cy) -> Image.Image:
     ex = rng.uniform(16, 21)
     brow = _shade(hair, 0.7) if style != "bald" else _shade(skin, 0.45)
     iris = IRIS[rng.integers(len(IRIS))]
-    open_ = rng.uniform(4.0, 6.5)
+    open_ = rng.uniform(5.0, 7.0)   # eyes: large dark irises, so they survive the resize to 32x32
     for side in (-1, 1):
         x = fx + side * ex
-        _ellipse(d, x, ey, 10, open_, (245, 245, 240))
-        _ellipse(d, x + yaw * 3, ey, 4.8, min(4.8, open_), iris)
-        _ellipse(d, x + yaw * 3, ey, 2.2, 2.2, (10, 10, 10))
+        _ellipse(d, x, ey, 11, open_, (245, 245, 240))
+        _ellipse(d, x + yaw * 3, ey, 6, open_, _shade(iris, 0.7))
+        _ellipse(d, x + yaw * 3, ey, 3, 3, (10, 10, 10))
         by = ey - rng.uniform(9, 13)
-        d.line((x - 10, by, x + 10, by - 1), fill=brow, width=int(rng.integers(2, 5)))
+        d.line((x - 10, by, x + 10, by - 1), fill=brow, width=int(rng.integers(3, 6)))
     nose = _shade(skin, 0.78)
     d.polygon([(fx + yaw * 3, ey + 6), (fx - 5 + yaw * 4, ey + 27), (fx + 5 + yaw * 4, ey + 27)], fill=nose)
     _ellipse(d, fx + yaw * 4, ey + 27, 6, 3, nose)
