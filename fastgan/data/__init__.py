@@ -138,7 +138,7 @@ def build_loader(cfg, rank: int = 0, world_size: int = 1, device=torch.device("c
     place = _placement(d.cache, device, len(paths) * m.channels * m.resolution ** 2, kind, log)
 
     if place == "off":
-        checks = check_files(paths, workers=2 * threads, show=rank == 0)
+        checks = check_files(paths, show=rank == 0)
         skipped = [(str(p), why) for p, (why, _) in zip(paths, checks) if why]
         if kind == "dali":   # DALI gets JPEG/PNG with a complete tail; PIL-only files stay out
             skipped += [(str(p), "only PIL decodes it; use data.cache=host to include it")
@@ -174,7 +174,7 @@ def build_loader(cfg, rank: int = 0, world_size: int = 1, device=torch.device("c
         if cache.load(stem, k, spec) is not None:
             return "loaded"
         log(f"data: decoding {len(paths)} files in {root} once into {stem}.npy")
-        cache.build(paths, root, stem, k, spec, decode, decoder, d.num_workers, rank == 0, log)
+        cache.build(paths, root, stem, k, spec, decode, decoder, show=rank == 0)
         return "built"
 
     how = _on_builders(ensure_cache, log) or "loaded"

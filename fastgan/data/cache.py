@@ -86,13 +86,13 @@ def load(stem: Path, k: str, spec: tuple) -> tuple[np.ndarray, dict] | None:
 
 
 def build(paths: list[Path], root: Path, stem: Path, k: str, spec: tuple, decode, decoder: str,
-          workers: int, show: bool = True, log=print) -> tuple[np.ndarray, dict]:
+          show: bool = True) -> tuple[np.ndarray, dict]:
     """Check and decode `paths` into the cache at `stem`. decode(paths, out, rows, progress, dali_ok)
     fills out[rows[i]] and returns {row: error}."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(stem)
     t0 = time.perf_counter()
-    checks = check_files(paths, workers=max(4, 2 * workers), show=show)
+    checks = check_files(paths, show=show)
     bad = [(str(p), why) for p, (why, _) in zip(paths, checks) if why]
     good = [(p, ok) for p, (why, ok) in zip(paths, checks) if not why]
     if not good:

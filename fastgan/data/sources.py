@@ -11,9 +11,9 @@ does, so both paths decode the same pixels.
 from __future__ import annotations
 
 import gzip
+import multiprocessing
 import os
 import struct
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -77,14 +77,20 @@ def check_file(path: str | Path) -> tuple[str | None, bool]:
     return None, False
 
 
-def check_files(paths: list[Path], workers: int = 8, show: bool = True) -> list[tuple[str | None, bool]]:
-    """check_file over many files on a thread pool (file reads release the GIL), in order."""
-    out = []
+def check_files(paths: list[Path], workers: int | None = None, show: bool = True) -> list[tuple[str | None, bool]]:
+    """check_file over many files, in order, on all cores: PIL's header parsing holds the GIL
+    (~0.2 ms a file, 40 s for CelebA on one core), so processes, not threads."""
+    workers = workers or os.cpu_count() or 1
     bar = Progress(len(paths), desc="checking files", enabled=show, every=10)
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        for result in pool.map(check_file, paths, chunksize=64):
+    pool = multiprocessing.Pool(workers) if workers > 1 and len(paths) > 2000 else None
+    out = []
+    try:
+        for result in (pool.imap(check_file, paths, chunksize=256) if pool else map(check_file, paths)):
             out.append(result)
             bar.update(1)
+    finally:
+        if pool:
+            pool.terminate()
     bar.close()
     return out
 
