@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def parse(argv):
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="an image folder to read instead of synthetic faces")
     p.add_argument("--images", type=int, default=20000 if cuda else 512, help="synthetic faces to write and read")
     p.add_argument("--resolution", type=int, default=64 if cuda else 32, choices=(32, 64, 128))

@@ -111,18 +111,9 @@ def build_loader(cfg, rank: int = 0, world_size: int = 1, device=torch.device("c
     d, m = cfg.data, cfg.model
     if d.crop_size is not None and d.crop_size < 1:
         raise DataError(f"data.crop_size must be at least 1, got {d.crop_size}")
-    spec = (m.channels, m.resolution, d.recipe, d.crop_size)
-    sched = lambda n: Schedule(n, cfg.batch_size, cfg.seed, rank, world_size, d.flip)  # noqa: E731
+    ctx = _Context(cfg, rank, world_size, device, start_iter, dtype, log)
     if d.source == "idx":
-        raw = read_idx(d.root)
-        images = transforms.apply_array(raw, m.resolution, m.channels, d.recipe, d.crop_size)
-        where = device if d.cache == "gpu" and device.type == "cuda" else torch.device("cpu")
-        loader = ArrayLoader(torch.from_numpy(images).to(where), sched(len(images)), device, start_iter, dtype,
-                             name=f"idx in {'gpu' if where.type == 'cuda' else 'host'} memory")
-        log(f"data: {len(images)} images of {raw.shape[1]}x{raw.shape[2]} from {d.root} -> "
-            f"{m.resolution}x{m.resolution}x{m.channels}; loader: {loader.name}")
-        return loader
-
+        return _idx_loader(ctx)
     root = Path(d.root).expanduser()
     if d.source == "synthetic":
         _on_builders(lambda: synthetic.ensure(root, d.synthetic_count, d.num_workers, log, rank == 0), log)
@@ -131,66 +122,105 @@ def build_loader(cfg, rank: int = 0, world_size: int = 1, device=torch.device("c
         paths = list_folder(root)
         if not paths:
             raise DataError(f"no .jpg/.jpeg/.png files in {root} (data.source=folder)")
-    kind = _kind(d.loader)
-    mixed = kind == "dali" and device.type == "cuda"
-    decoder = f"dali {'mixed' if mixed else 'cpu'}" if kind == "dali" else f"pil ({d.num_workers} workers)"
-    threads = max(2, d.num_workers)
-    place = _placement(d.cache, device, len(paths) * m.channels * m.resolution ** 2, kind, log)
+    place = _placement(d.cache, device, len(paths) * m.channels * m.resolution ** 2, ctx.kind, log)
+    loader = _stream_loader(ctx, root, paths) if place == "off" else _cached_loader(ctx, root, paths, place)
+    log(f"data: {loader.num_images} images in {root}, {d.recipe} -> {m.resolution}x{m.resolution}x{m.channels}; "
+        f"loader: {loader.name}")
+    return loader
 
-    if place == "off":
-        checks = check_files(paths, show=rank == 0)
-        skipped = [(str(p), why) for p, (why, _) in zip(paths, checks) if why]
-        if kind == "dali":   # DALI gets JPEG/PNG with a complete tail; PIL-only files stay out
-            skipped += [(str(p), "only PIL decodes it; use data.cache=host to include it")
-                        for p, (why, ok) in zip(paths, checks) if not why and not ok]
-        good = [p for p, (why, ok) in zip(paths, checks) if not why and (ok or kind == "torch")]
-        _warn_skipped(skipped, len(paths), root, log)
-        if not good:
-            raise DataError(f"no usable image in {root}: all {len(paths)} image files are unreadable")
-        if kind == "dali":
-            loader = dali.DaliStream(good, spec, sched(len(good)), device, start_iter, dtype, threads)
-        else:
-            loader = TorchStream(good, spec, sched(len(good)), device, start_iter, dtype, d.num_workers)
-        loader.skipped = skipped
-        log(f"data: {len(good)} images in {root}, {d.recipe} -> {m.resolution}x{m.resolution}x{m.channels}; "
-            f"loader: {loader.name}")
-        return loader
+
+class _Context:
+    """What every path needs: the config's data spec, this rank's schedule, the decoder choice."""
+
+    def __init__(self, cfg, rank, world_size, device, start_iter, dtype, log):
+        d, m = cfg.data, cfg.model
+        self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
+        self.start_iter, self.dtype, self.log = start_iter, dtype, log
+        self.spec = (m.channels, m.resolution, d.recipe, d.crop_size)
+        self.kind = _kind(d.loader) if d.source != "idx" else "torch"
+        self.mixed = self.kind == "dali" and device.type == "cuda"
+        self.device_id = (device.index or 0) if self.mixed else None
+        self.decoder = (f"dali {'mixed' if self.mixed else 'cpu'}" if self.kind == "dali"
+                        else f"pil ({d.num_workers} workers)")
+        self.threads = max(2, d.num_workers)
+
+    def schedule(self, n: int) -> Schedule:
+        return Schedule(n, self.cfg.batch_size, self.cfg.seed, self.rank, self.world_size, self.cfg.data.flip)
+
+
+def _idx_loader(ctx: _Context) -> Loader:
+    d, m = ctx.cfg.data, ctx.cfg.model
+    raw = read_idx(d.root)
+    images = transforms.apply_array(raw, m.resolution, m.channels, d.recipe, d.crop_size)
+    where = ctx.device if d.cache == "gpu" and ctx.device.type == "cuda" else torch.device("cpu")
+    loader = ArrayLoader(torch.from_numpy(images).to(where), ctx.schedule(len(images)), ctx.device, ctx.start_iter,
+                         ctx.dtype, name=f"idx in {'gpu' if where.type == 'cuda' else 'host'} memory")
+    ctx.log(f"data: {len(images)} images of {raw.shape[1]}x{raw.shape[2]} from {d.root} -> "
+            f"{m.resolution}x{m.resolution}x{m.channels}; loader: {loader.name}")
+    return loader
+
+
+def _stream_loader(ctx: _Context, root: Path, paths: list[Path]) -> Loader:
+    """No cache: check every file, then decode every batch (DALI or a torch DataLoader)."""
+    checks = check_files(paths, show=ctx.rank == 0)
+    skipped = [(str(p), why) for p, (why, _) in zip(paths, checks) if why]
+    if ctx.kind == "dali":   # DALI gets JPEG/PNG with a complete tail; PIL-only files stay out
+        skipped += [(str(p), "only PIL decodes it; use data.cache=host to include it")
+                    for p, (why, ok) in zip(paths, checks) if not why and not ok]
+    good = [p for p, (why, ok) in zip(paths, checks) if not why and (ok or ctx.kind == "torch")]
+    _warn_skipped(skipped, len(paths), root, ctx.log)
+    if not good:
+        raise DataError(f"no usable image in {root}: all {len(paths)} image files are unreadable")
+    args = (good, ctx.spec, ctx.schedule(len(good)), ctx.device, ctx.start_iter, ctx.dtype)
+    if ctx.kind == "dali":
+        loader = dali.DaliStream(*args, ctx.threads)
+    else:
+        loader = TorchStream(*args, ctx.cfg.data.num_workers)
+    loader.skipped = skipped
+    return loader
+
+
+def _decode(ctx: _Context):
+    """The cache builder's decode(files, out, rows, progress, dali_ok) -> {row: error}."""
+    workers, spec = ctx.cfg.data.num_workers, ctx.spec
 
     def decode(files, out, rows, bar, dali_ok):
-        if kind == "torch":
-            return decode_into(files, out, rows, spec, d.num_workers, bar)
+        if ctx.kind == "torch":
+            return decode_into(files, out, rows, spec, workers, bar)
         pil = lambda f, o, r: decode_into(f, o, r, spec, 1)  # noqa: E731  (DALI's fallback)
         mine = [i for i, ok in enumerate(dali_ok) if ok]
         rest = [i for i, ok in enumerate(dali_ok) if not ok]
         failed = dali.decode_into([files[i] for i in mine], out, [rows[i] for i in mine], spec,
-                                  device.index or 0 if mixed else None, threads, bar, log, pil)
-        failed.update(decode_into([files[i] for i in rest], out, [rows[i] for i in rest], spec, d.num_workers, bar))
+                                  ctx.device_id, ctx.threads, bar, ctx.log, pil)
+        failed.update(decode_into([files[i] for i in rest], out, [rows[i] for i in rest], spec, workers, bar))
         return failed
+    return decode
 
-    k = cache.key(paths, root, spec)
-    stem = cache.location(d.cache_dir, root, spec, k)
+
+def _cached_loader(ctx: _Context, root: Path, paths: list[Path], place: str) -> Loader:
+    """Decode once into the on-disk cache (builders only), load it into host or GPU memory."""
+    k = cache.key(paths, root, ctx.spec)
+    stem = cache.location(ctx.cfg.data.cache_dir, root, ctx.spec, k)
 
     def ensure_cache():
-        if cache.load(stem, k, spec) is not None:
+        if cache.load(stem, k, ctx.spec) is not None:
             return "loaded"
-        log(f"data: decoding {len(paths)} files in {root} once into {stem}.npy")
-        cache.build(paths, root, stem, k, spec, decode, decoder, show=rank == 0)
+        ctx.log(f"data: decoding {len(paths)} files in {root} once into {stem}.npy")
+        cache.build(paths, root, stem, k, ctx.spec, _decode(ctx), ctx.decoder, show=ctx.rank == 0)
         return "built"
 
-    how = _on_builders(ensure_cache, log) or "loaded"
-    found = cache.load(stem, k, spec)
+    how = _on_builders(ensure_cache, ctx.log) or "loaded"
+    found = cache.load(stem, k, ctx.spec)
     if found is None:
         raise DataError(f"decoded cache {stem}.npy is missing or damaged after it was built "
                         "(is data.cache_dir on a filesystem every rank sees?)")
     images, meta = found
-    _warn_skipped(meta["skipped"], meta["listed"], root, log)
+    _warn_skipped(meta["skipped"], meta["listed"], root, ctx.log)
     holes = set(meta["holes"])
     rows = np.array([r for r in range(len(images)) if r not in holes]) if holes else None
-    loader = ArrayLoader(cache.to_memory(images, device if place == "gpu" else torch.device("cpu")),
-                         sched(len(images) - len(holes)), device, start_iter, dtype, rows,
-                         name=f"{'torch' if kind == 'torch' else decoder} + {place} cache")
+    loader = ArrayLoader(cache.to_memory(images, ctx.device if place == "gpu" else torch.device("cpu")),
+                         ctx.schedule(len(images) - len(holes)), ctx.device, ctx.start_iter, ctx.dtype, rows,
+                         name=f"{'torch' if ctx.kind == 'torch' else ctx.decoder} + {place} cache")
     loader.skipped = [(str(root / f), why) for f, why in meta["skipped"]]
-    log(f"data: {loader.num_images} images in {root}, {d.recipe} -> {m.resolution}x{m.resolution}x{m.channels}; "
-        f"{how} cache {stem}.npy ({images.nbytes / 2**20:.0f} MiB, decoded by {meta['decoder']}); "
-        f"loader: {loader.name}")
+    ctx.log(f"data: {how} cache {stem}.npy ({images.nbytes / 2**20:.0f} MiB, decoded by {meta['decoder']})")
     return loader
