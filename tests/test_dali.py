@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from fastgan.config import load
 from fastgan.data import Schedule, build_loader, dali, synthetic, transforms
@@ -39,6 +40,20 @@ def test_dali_cpu_decodes_like_pil(faces, spec):
     diff = np.abs(by_dali.astype(int) - by_pil)
     assert diff.mean() < 0.3 and np.percentile(diff, 99) <= 1 and diff.max() <= 24, (diff.mean(), diff.max())
     assert by_dali.std() > 30   # real pictures, not two blank arrays that agree
+
+
+def test_both_decoders_turn_photos_upright(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6   # EXIF orientation: rotate 90 degrees clockwise to view
+    synthetic.face_image(3).save(tmp_path / "turned.jpg", exif=exif.tobytes(), quality=95)
+    upright = synthetic.face_image(3).transpose(Image.Transpose.ROTATE_270)   # 218 wide, 178 high
+    spec = (3, 64, "center_crop", None)
+    by_dali, by_pil = np.zeros((2, 1, 3, 64, 64), np.uint8)
+    dali.decode_into([tmp_path / "turned.jpg"], by_dali, [0], spec, None, 1)
+    decode_into([tmp_path / "turned.jpg"], by_pil, [0], spec, 0)
+    want = transforms.apply(upright, 64, "center_crop", None)
+    assert np.abs(by_pil[0].astype(int) - want).mean() < 3          # only JPEG's loss
+    assert np.abs(by_dali.astype(int) - by_pil).mean() < 0.3
 
 
 def test_reader_shards_are_the_schedules(faces):

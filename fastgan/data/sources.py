@@ -3,9 +3,9 @@
 Folder listing is recursive over .jpg/.jpeg/.png (any case), sorted by relative path, so every
 rank and every run sees the same order. `check_file` reads a file's header and tail only
 (~0.1 ms): it finds empty, truncated, non-image and dangling-link files before a decoder meets
-them (DALI stops the whole pipeline on one such file). `open_image` converts every mode PIL
-knows (L, I;16, RGBA, LA, P, CMYK, 1, ...) to the channels asked for, the way DALI's decoder
-does, so both paths decode the same pixels.
+them (DALI stops the whole pipeline on one such file). `open_image` turns photos upright by their
+EXIF orientation and converts every mode PIL knows (L, I;16, RGBA, LA, P, CMYK, 1, ...) to the
+channels asked for, the way DALI's decoder does, so both paths decode the same pixels.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from fastgan.progress import Progress
 
@@ -114,10 +114,11 @@ def convert(img: Image.Image, channels: int) -> Image.Image:
 
 
 def open_image(path: str | Path, channels: int) -> Image.Image:
-    """Decode one file fully; raises on an unreadable one."""
+    """Decode one file fully, upright (EXIF orientation applied, as DALI does); raises on an
+    unreadable one."""
     with Image.open(path) as img:
         img.load()
-        return convert(img, channels)
+        return convert(ImageOps.exif_transpose(img), channels)
 
 
 def idx_file(root: str | Path) -> Path:
