@@ -4,7 +4,8 @@ gradient of a stride-s conv-transpose is a stride-s conv with the same weight te
 
 GEMM: rows = output positions (n, oh, ow), columns = output channels, K = (kh, kw, ci): for each
 of the 16 taps, the input row (n, oh*S - P + kh, ow*S - P + kw) is loaded channel block by
-channel block, with the prologue applied and zero padding outside the image. No im2col buffer.
+channel block (or, with FLAT_K, K runs as one index over taps and channels: utils.flat_k), with
+the prologue applied and zero padding outside the image. No im2col buffer.
 """
 
 import torch
@@ -12,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .operands import epilogue, load_operand, to_dot
-from .utils import Epilogue, Prologue, cdiv, dot_config, gemm_blocks, launch, partials
+from .utils import Epilogue, Prologue, cdiv, dot_config, flat_k, gemm_blocks, launch, partials
 
 
 @triton.jit
@@ -25,7 +26,7 @@ def _conv_kernel(
     swo, swi, swh, sww,                      # strides of the weight: out channel, in channel, kh, kw
     son, soc, soh, sow,                      # strides of out (and the dact epilogue's ex)
     inv_count, slope, eslope,
-    STRIDE: tl.constexpr, PAD: tl.constexpr, PRO: tl.constexpr, ACT: tl.constexpr,
+    STRIDE: tl.constexpr, PAD: tl.constexpr, FLAT_K: tl.constexpr, PRO: tl.constexpr, ACT: tl.constexpr,
     DACT: tl.constexpr, HAS_BIAS: tl.constexpr, TANH: tl.constexpr, STATS: tl.constexpr,
     EPRO: tl.constexpr, EACT: tl.constexpr, ATOMIC: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
@@ -44,23 +45,40 @@ def _conv_kernel(
     kk = tl.arange(0, BLOCK_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in range(4):
-        ih = oh * STRIDE - PAD + kh
-        for kw in range(4):
-            iw = ow * STRIDE - PAD + kw
-            valid = rmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            x_row = n * sxn + ih * sxh + iw * sxw
-            w_tap = w_ptr + kh * swh + kw * sww
-            for c0 in range(0, CIN, BLOCK_K):
-                ci = c0 + kk
-                kmask = ci < CIN
-                a = load_operand(x_ptr, aux_ptr, x_row[:, None] + ci[None, :] * sxc,
-                                 valid[:, None] & kmask[None, :], ci, kmask, pv0, pv1, pv2, pv3,
-                                 inv_count, slope, PRO, ACT)
-                b = tl.load(w_tap + ci[:, None] * swi + cols[None, :] * swo,
-                            mask=kmask[:, None] & nmask[None, :], other=0.0)
-                acc = tl.dot(to_dot(a, DOT_DTYPE, INTERPRET), to_dot(b, DOT_DTYPE, INTERPRET), acc,
-                             input_precision=PRECISION)
+    if FLAT_K:
+        for k0 in range(0, 16 * CIN, BLOCK_K):      # k = (kh * 4 + kw) * CIN + ci
+            k = k0 + kk
+            kmask = k < 16 * CIN
+            ci = k % CIN
+            kh = k // CIN // 4
+            kw = k // CIN % 4
+            ih = oh[:, None] * STRIDE - PAD + kh[None, :]
+            iw = ow[:, None] * STRIDE - PAD + kw[None, :]
+            valid = rmask[:, None] & kmask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = load_operand(x_ptr, aux_ptr, n[:, None] * sxn + ih * sxh + iw * sxw + ci[None, :] * sxc,
+                             valid, ci, kmask, pv0, pv1, pv2, pv3, inv_count, slope, PRO, ACT)
+            b = tl.load(w_ptr + (ci * swi + kh * swh + kw * sww)[:, None] + cols[None, :] * swo,
+                        mask=kmask[:, None] & nmask[None, :], other=0.0)
+            acc = tl.dot(to_dot(a, DOT_DTYPE, INTERPRET), to_dot(b, DOT_DTYPE, INTERPRET), acc,
+                         input_precision=PRECISION)
+    else:
+        for kh in range(4):
+            ih = oh * STRIDE - PAD + kh
+            for kw in range(4):
+                iw = ow * STRIDE - PAD + kw
+                valid = rmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                x_row = n * sxn + ih * sxh + iw * sxw
+                w_tap = w_ptr + kh * swh + kw * sww
+                for c0 in range(0, CIN, BLOCK_K):
+                    ci = c0 + kk
+                    kmask = ci < CIN
+                    a = load_operand(x_ptr, aux_ptr, x_row[:, None] + ci[None, :] * sxc,
+                                     valid[:, None] & kmask[None, :], ci, kmask, pv0, pv1, pv2, pv3,
+                                     inv_count, slope, PRO, ACT)
+                    b = tl.load(w_tap + ci[:, None] * swi + cols[None, :] * swo,
+                                mask=kmask[:, None] & nmask[None, :], other=0.0)
+                    acc = tl.dot(to_dot(a, DOT_DTYPE, INTERPRET), to_dot(b, DOT_DTYPE, INTERPRET), acc,
+                                 input_precision=PRECISION)
 
     offs = (n * son + oh * soh + ow * sow)[:, None] + cols[None, :] * soc
     part_row = 0 if ATOMIC else pid_m
@@ -85,13 +103,14 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, stride: 
                          f"do not fit kernel 4, stride {stride}, padding {padding}")
     if pro.aux is not None and pro.aux.stride() != x.stride():
         raise ValueError("conv2d: the prologue's aux tensor must share x's strides")
-    cfg = gemm_blocks(N * HO * WO, COUT, CIN)
+    flat = flat_k(CIN)
+    cfg = gemm_blocks(N * HO * WO, COUT, 16 * CIN if flat else CIN)
     grid = (cdiv(N * HO * WO, cfg["BLOCK_M"]), cdiv(COUT, cfg["BLOCK_N"]))
     part = partials(grid[0], COUT, atomic, x.device) if epi.needs_partials() else None
     launch(_conv_kernel)[grid](
         x, *pro.args(x), weight, out, *epi.args(x), part if part is not None else x,
         N, H, W, CIN, HO, WO, COUT, *x.stride(), *weight.stride(), *out.stride(),
         pro.inv_count, pro.slope, epi.pro.slope,
-        STRIDE=stride, PAD=padding, PRO=pro.mode, ACT=pro.act, ATOMIC=atomic,
+        STRIDE=stride, PAD=padding, FLAT_K=flat, PRO=pro.mode, ACT=pro.act, ATOMIC=atomic,
         **epi.constexprs(), **dot_config(dtype, allow_tf32), **cfg)
     return part

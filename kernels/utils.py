@@ -39,15 +39,30 @@ def clamp_pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, next_pow2(n)))
 
 
+# None: heuristic. Tests set True/False to exercise both K-loop structures.
+FORCE_FLAT_K = None
+
+
+def flat_k(channels: int) -> bool:
+    """Walk K = (tap, channel) as one flat index (per-element gathers) instead of a loop over the
+    taps with contiguous channel blocks inside. Flat wins where channels < 16 (a tap loop would
+    pad each 16-wide K block: 13/16 waste for RGB) and in the interpreter (one K step instead of
+    16 taps: ~10x fewer interpreted ops); the tap loop's contiguous loads win on wide layers."""
+    if FORCE_FLAT_K is not None:
+        return FORCE_FLAT_K
+    return INTERPRET or channels < 16
+
+
 def gemm_blocks(m: int, n: int, k: int) -> dict:
-    """Tile sizes for an implicit GEMM with m rows, n columns and a k-chunk over channels.
+    """Tile sizes for an implicit GEMM with m rows, n columns and k per K step (channels, or
+    taps * channels with flat K).
 
     tl.dot needs every side >= 16. In the interpreter each program costs ~1 ms of Python, so
     tiles are as large as the problem allows there.
     """
     if INTERPRET:
         return dict(BLOCK_M=clamp_pow2(m, 16, 512), BLOCK_N=clamp_pow2(n, 16, 128),
-                    BLOCK_K=clamp_pow2(k, 16, 128), num_warps=4, num_stages=1)
+                    BLOCK_K=clamp_pow2(k, 16, 512), num_warps=4, num_stages=1)
     bm = clamp_pow2(m, 16, 128)
     bn = clamp_pow2(n, 16, 128)
     bk = clamp_pow2(k, 16, 64)

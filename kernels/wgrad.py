@@ -10,7 +10,8 @@ A k4 conv and a k4 conv-transpose have the same weight-gradient GEMM with roles 
 B and G each get their own prologue, so neither the activation a nor the BN-backward dy is ever
 stored: a is recomputed from the stored raw x, dy from (incoming gradient, y) per operands.py.
 The reduction over rows is long (N*H*W) and the weight small for the outer layers, so rows split
-across programs (split-K): deterministic partials summed afterwards, or fp32 atomics.
+across programs (split-K): deterministic partials summed afterwards, or fp32 atomics. A program
+handles one tap and a block of q, or (FLAT, utils.flat_k) a block of flattened (tap, q) columns.
 """
 
 import functools
@@ -20,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .operands import load_operand, to_dot
-from .utils import INTERPRET, Prologue, cdiv, clamp_pow2, dot_config, launch
+from .utils import INTERPRET, Prologue, cdiv, clamp_pow2, dot_config, flat_k, launch
 
 
 @triton.jit
@@ -31,21 +32,26 @@ def _wgrad_kernel(
     N, R, S, P, GH, GW, Q,
     sbn, sbc, sbh, sbw, sgn, sgc, sgh, sgw,
     rows_per_split, b_inv_count, b_slope, g_inv_count, g_slope,
-    STRIDE: tl.constexpr, PAD: tl.constexpr,
+    STRIDE: tl.constexpr, PAD: tl.constexpr, FLAT: tl.constexpr,
     BPRO: tl.constexpr, BACT: tl.constexpr, GPRO: tl.constexpr, GACT: tl.constexpr,
     ATOMIC: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
-    tap = tl.program_id(1) % 16
-    q_tile = tl.program_id(1) // 16
     split = tl.program_id(2)
+    if FLAT:        # columns are (tap, q) flattened, c = tap * Q + q: all 16 taps in one program
+        c = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        qmask = c < 16 * Q
+        tap = c // Q
+        q = c % Q
+    else:           # one tap per program, a block of q
+        tap = tl.program_id(1) % 16
+        q = tl.program_id(1) // 16 * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        qmask = q < Q
     kh = tap // 4
     kw = tap % 4
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = p < P
-    q = q_tile * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    qmask = q < Q
     start = split * rows_per_split
     end = tl.minimum(N * R * S, start + rows_per_split)
 
@@ -60,12 +66,11 @@ def _wgrad_kernel(
         bt = load_operand(b_ptr, b_aux, (n * sbn + r * sbh + s * sbw)[:, None] + p[None, :] * sbc,
                           rmask[:, None] & pmask[None, :], p, pmask, bv0, bv1, bv2, bv3,
                           b_inv_count, b_slope, BPRO, BACT)
-        gh = r * STRIDE - PAD + kh
-        gw = s * STRIDE - PAD + kw
-        gvalid = rmask & (gh >= 0) & (gh < GH) & (gw >= 0) & (gw < GW)
-        gt = load_operand(g_ptr, g_aux, (n * sgn + gh * sgh + gw * sgw)[:, None] + q[None, :] * sgc,
-                          gvalid[:, None] & qmask[None, :], q, qmask, gv0, gv1, gv2, gv3,
-                          g_inv_count, g_slope, GPRO, GACT)
+        gh = r[:, None] * STRIDE - PAD + kh      # [BLOCK_R, BLOCK_Q] with FLAT, else [BLOCK_R, 1]
+        gw = s[:, None] * STRIDE - PAD + kw
+        gvalid = rmask[:, None] & qmask[None, :] & (gh >= 0) & (gh < GH) & (gw >= 0) & (gw < GW)
+        gt = load_operand(g_ptr, g_aux, n[:, None] * sgn + gh * sgh + gw * sgw + q[None, :] * sgc,
+                          gvalid, q, qmask, gv0, gv1, gv2, gv3, g_inv_count, g_slope, GPRO, GACT)
         acc = tl.dot(tl.trans(to_dot(bt, DOT_DTYPE, INTERPRET)), to_dot(gt, DOT_DTYPE, INTERPRET),
                      acc, input_precision=PRECISION)
 
@@ -126,19 +131,22 @@ def wgrad(base: torch.Tensor, base_pro: Prologue, gathered: torch.Tensor, gather
     N, P, R, S = base.shape
     _, Q, GH, GW = gathered.shape
     M = N * R * S
-    bp, bq = clamp_pow2(P, 16, 64), clamp_pow2(Q, 16, 64)
+    flat = flat_k(Q)
+    bp = clamp_pow2(P, 16, 64)
+    bq = clamp_pow2(16 * Q, 16, 512 if INTERPRET else 64) if flat else clamp_pow2(Q, 16, 64)
     br = clamp_pow2(M, 16, 1024 if INTERPRET else 64)   # the interpreter pays per op, not per element
-    splits, rows_per_split = split_rows(M, br, cdiv(P, bp) * cdiv(Q, bq) * 16, base.device)
+    col_tiles = cdiv(16 * Q, bq) if flat else cdiv(Q, bq) * 16
+    splits, rows_per_split = split_rows(M, br, cdiv(P, bp) * col_tiles, base.device)
     atomic = splits > 1 and not deterministic
     if splits == 1 or atomic:
         dw = (torch.zeros if atomic else torch.empty)((P, Q, 4, 4), dtype=torch.float32, device=base.device)
     else:
         dw = torch.empty((splits, P, Q, 4, 4), dtype=torch.float32, device=base.device)
-    launch(_wgrad_kernel)[(cdiv(P, bp), cdiv(Q, bq) * 16, splits)](
+    launch(_wgrad_kernel)[(cdiv(P, bp), col_tiles, splits)](
         base, *base_pro.args(base), gathered, *gathered_pro.args(gathered), dw,
         N, R, S, P, GH, GW, Q, *base.stride(), *gathered.stride(),
         rows_per_split, base_pro.inv_count, base_pro.slope, gathered_pro.inv_count, gathered_pro.slope,
-        STRIDE=stride, PAD=padding, BPRO=base_pro.mode, BACT=base_pro.act, GPRO=gathered_pro.mode,
+        STRIDE=stride, PAD=padding, FLAT=flat, BPRO=base_pro.mode, BACT=base_pro.act, GPRO=gathered_pro.mode,
         GACT=gathered_pro.act, ATOMIC=atomic, **dot_config(dtype, allow_tf32),
         BLOCK_P=bp, BLOCK_Q=bq, BLOCK_R=br, num_warps=4, num_stages=1 if INTERPRET else 3)
     return dw if dw.dim() == 4 else dw.sum(0)

@@ -7,3 +7,15 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(params=[True, False], ids=["flat_k", "tap_loop"])
+def k_loop(request, monkeypatch):
+    """Run a kernel test with both K-loop structures (kernels/utils.flat_k): the interpreter
+    would otherwise only exercise the flat one, and the GPU uses the tap loop on wide layers."""
+    import fastgan.kernels.utils as utils
+    monkeypatch.setattr(utils, "FORCE_FLAT_K", request.param)
+    return request.param

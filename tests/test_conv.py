@@ -10,7 +10,7 @@ from fastgan.kernels.conv import conv2d, conv_out_size
 from fastgan.kernels.utils import (ACT_LEAKY, ACT_RELU, PRO_ACT, PRO_NONE, PRO_NORM_ACT, Epilogue, Prologue,
                                    channels_last_empty)
 from fastgan.models import ConvModule
-from parity import TOL, assert_close, check_chain
+from parity import TOL, assert_close, check_chain, check_layer_op
 
 
 def apply_prologue(x, pro: Prologue):
@@ -36,7 +36,7 @@ def random_prologue(mode: str, c: int, gen) -> Prologue:
 @pytest.mark.parametrize("stride, padding, size", [(2, 1, 8), (1, 0, 4)])
 @pytest.mark.parametrize("mode", ["none", "act", "norm_act"])
 @pytest.mark.parametrize("epilogue", ["plain", "bias", "stats"])
-def test_conv2d_forward(stride, padding, size, mode, epilogue):
+def test_conv2d_forward(stride, padding, size, mode, epilogue, k_loop):
     gen = torch.Generator().manual_seed(hash((stride, mode, epilogue)) % 2**31)
     n, cin, cout = 3, 5, 7                                    # odd channel counts
     x = torch.randn(n, cin, size, size, generator=gen)
@@ -94,7 +94,7 @@ def test_discriminator_blocks_half(dtype):
     check_chain(d_chain(3, 6, 16, 0.01, True), x, dtype, seed=7)
 
 
-def test_bn_block_to_bn_block():
+def test_bn_block_to_bn_block(k_loop):
     """conv -> BN -> LeakyReLU -> conv -> BN -> LeakyReLU -> decision: the BN backward affine and
     the dgrad epilogue's reductions both run between two BN layers."""
     blocks = [ConvModule(5, 6, transposed=False, stride=2, padding=1, bias=False, norm=True,
@@ -103,3 +103,20 @@ def test_bn_block_to_bn_block():
                          act="leaky_relu", slope=0.01),
               ConvModule(9, 1, transposed=False, stride=1, padding=0, bias=True, norm=False, act=None)]
     check_chain(blocks, torch.randn(2, 5, 16, 16), torch.float32, seed=11)
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("batch, size, stride, padding, norm, act, bias, stats", [
+    (2, 8, 2, 1, False, None, True, False),             # img2feat: the raw image in, + bias
+    (1, 8, 2, 1, False, "leaky_relu", False, True),     # after img2feat: LeakyReLU only; BN statistics out
+    (3, 8, 2, 1, True, "leaky_relu", False, True),      # BN -> LeakyReLU -> conv -> BN statistics
+    (3, 4, 1, 0, True, "leaky_relu", True, False),      # decision: 4x4 -> 1x1 + bias
+], ids=["img2feat", "act_stats", "bn_stats", "decision"])
+def test_conv_layer_op(batch, size, stride, padding, norm, act, bias, stats, dtype):
+    """The fused op, forward and backward, in every dtype, on identical inputs (tests/parity.py)."""
+    check_layer_op((batch, 5, size, size), (7, 5, 4, 4), transposed=False, stride=stride, padding=padding,
+                   norm=norm, act=act, slope=0.2, bias=bias, stats=stats, tanh=False, dtype=dtype,
+                   seed=batch * 10 + size)

@@ -10,14 +10,14 @@ import torch.nn.functional as F
 from fastgan.kernels.conv_transpose import conv_transpose2d, conv_transpose_out_size
 from fastgan.kernels.utils import Epilogue, channels_last_empty
 from fastgan.models import ConvModule
-from parity import TOL, assert_close, check_chain
+from parity import TOL, assert_close, check_chain, check_layer_op
 from test_conv import apply_prologue, random_prologue
 
 
 @pytest.mark.parametrize("stride, padding, size", [(2, 1, 4), (1, 0, 1)])
 @pytest.mark.parametrize("mode", ["none", "act", "norm_act"])
 @pytest.mark.parametrize("epilogue", ["plain", "stats", "bias_tanh"])
-def test_conv_transpose2d_forward(stride, padding, size, mode, epilogue):
+def test_conv_transpose2d_forward(stride, padding, size, mode, epilogue, k_loop):
     gen = torch.Generator().manual_seed(hash((stride, mode, epilogue, "t")) % 2**31)
     n, cin, cout = 3, 5, 7
     x = torch.randn(n, cin, size, size, generator=gen)
@@ -78,5 +78,18 @@ def test_generator_blocks_fp32(batch, noise, width, image_channels, size, bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_generator_blocks_half(dtype):
+def test_generator_blocks_half(dtype, k_loop):
     check_chain(g_chain(8, 9, 3, 16, True), torch.randn(2, 8, 1, 1), dtype, seed=5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("batch, size, stride, padding, norm, bias, tanh, stats", [
+    (2, 1, 1, 0, False, False, False, True),    # noise2feat: z (1x1) -> 4x4, BN statistics out
+    (1, 4, 2, 1, True, False, False, True),     # BN -> ReLU -> conv-transpose -> BN statistics
+    (3, 4, 2, 1, True, True, True, False),      # to_rgb: BN -> ReLU -> conv-transpose + bias -> tanh
+], ids=["noise2feat", "upsample", "to_rgb"])
+def test_conv_transpose_layer_op(batch, size, stride, padding, norm, bias, tanh, stats, dtype):
+    """The fused op, forward and backward, in every dtype, on identical inputs (tests/parity.py)."""
+    check_layer_op((batch, 6, size, size), (6, 7, 4, 4), transposed=True, stride=stride, padding=padding,
+                   norm=norm, act="relu" if norm else None, slope=0.0, bias=bias, stats=stats, tanh=tanh,
+                   dtype=dtype, seed=batch * 10 + size)

@@ -48,7 +48,7 @@ CASES = [  # transposed, stride, padding, x size, dy size
 
 @pytest.mark.parametrize("transposed, stride, padding, size, out_size", CASES)
 @pytest.mark.parametrize("mode, dy", [("none", "none"), ("norm_act", "stats"), ("act", "tanh")])
-def test_wgrad(transposed, stride, padding, size, out_size, mode, dy):
+def test_wgrad(transposed, stride, padding, size, out_size, mode, dy, k_loop):
     gen = torch.Generator().manual_seed(hash((transposed, stride, mode)) % 2**31)
     n, cin, cout = 3, 5, 6
     x = torch.randn(n, cin, size, size, generator=gen)
@@ -63,7 +63,7 @@ def test_wgrad(transposed, stride, padding, size, out_size, mode, dy):
 
 
 @pytest.mark.parametrize("deterministic", [True, False])
-def test_wgrad_split_k(monkeypatch, deterministic):
+def test_wgrad_split_k(monkeypatch, deterministic, k_loop):
     """Rows split over programs: per-split partials summed in order, or fp32 atomics."""
     monkeypatch.setattr(wgrad_mod, "_target_programs", lambda device: 10_000)
     monkeypatch.setattr(wgrad_mod, "INTERPRET", False)         # GPU row blocks (64), so rows split

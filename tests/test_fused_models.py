@@ -1,0 +1,101 @@
+"""The triton backend of the whole Generator and Discriminator against the torch backend:
+forward/backward per preset, resolution and channel count; one full training iteration of each
+recipe (losses, every gradient, Adam steps, running statistics); checkpoints across backends;
+torch.compile(fullgraph=True) with no graph break. Tolerances: tests/parity.py."""
+
+import copy
+
+import pytest
+import torch
+
+from fastgan.config import Config
+from fastgan.models import Discriminator, Generator, build
+from fastgan.step import TrainStep
+from parity import TOL, assert_close, check_module, rel_err
+
+FP32 = TOL[torch.float32]
+
+
+@pytest.mark.parametrize("preset, resolution, channels", [
+    ("mmgen", 32, 3), ("mmgen", 64, 1), ("pytorch_examples", 32, 1), ("pytorch_examples", 64, 3)])
+def test_generator_and_discriminator(preset, resolution, channels):
+    G = Generator(preset, resolution, channels, base_channels=4)
+    check_module(G, torch.randn(2, G.noise_size), torch.float32, seed=resolution + channels)
+    D = Discriminator(preset, resolution, channels, base_channels=4)
+    check_module(D, torch.randn(2, channels, resolution, resolution), torch.float32, seed=resolution * channels)
+
+
+def test_state_dicts_load_across_backends():
+    torch.manual_seed(0)
+    G_torch = Generator("mmgen", 32, 3, base_channels=4)
+    G_triton = Generator("mmgen", 32, 3, base_channels=4, backend="triton")
+    assert {k: v.shape for k, v in G_torch.state_dict().items()} == \
+           {k: v.shape for k, v in G_triton.state_dict().items()}
+    G_triton.load_state_dict(G_torch.state_dict())
+    z = torch.randn(3, 100)
+    with torch.no_grad():
+        assert_close(G_triton.eval()(z), G_torch.eval()(z), FP32, "eval output after loading")
+
+
+def adam_checked(p_fused, p_ref, grad_ref, lr, name):
+    """Parameters after Adam steps. Adam's first step is lr * g / (|g| + eps), about lr * sign(g):
+    where |g| is within rounding of 0 the sign, and so the step, is ill-conditioned. There the two
+    may differ by up to 2 * lr; everywhere else by the usual fp32 bound."""
+    sure = grad_ref.abs() > 1e-4 * grad_ref.abs().max()
+    assert_close(p_fused[sure], p_ref[sure], FP32, f"{name} after Adam")
+    assert ((p_fused - p_ref)[~sure].abs() <= 2.001 * lr).all(), f"{name}: ill-conditioned step beyond 2 lr"
+
+
+@pytest.mark.parametrize("recipe", ["mmgen", "pytorch_examples"])
+def test_one_training_iteration(recipe):
+    """The whole iteration of fastgan/step.py (G no-grad forward, D on fake and real, D step,
+    G forward, D, G step) on both backends from the same state and inputs."""
+    cfg = Config(recipe=recipe, amp="fp32")
+    cfg.model.preset, cfg.model.resolution, cfg.model.base_channels = recipe, 32, 4
+    torch.manual_seed(1)
+    G_ref, D_ref = build(cfg.model, "torch")
+    G_fused, D_fused = copy.deepcopy(G_ref), copy.deepcopy(D_ref)
+    for net in (G_fused, D_fused):
+        net.backend, net.deterministic = "triton", True
+    device = torch.device("cpu")
+    steps = {name: TrainStep(cfg, G, D, device) for name, G, D in
+             [("ref", G_ref, D_ref), ("fused", G_fused, D_fused)]}
+    gen = torch.Generator().manual_seed(2)
+    real = torch.rand(4, 3, 32, 32, generator=gen) * 2 - 1
+    z = steps["ref"].noise(4, gen)
+    losses = {name: s.step(real, z) for name, s in steps.items()}
+    assert_close(losses["fused"], losses["ref"], FP32, "losses (d_fake, d_real, g)")
+    for net_ref, net_fused in [(G_ref, G_fused), (D_ref, D_fused)]:
+        for (name, p_ref), (_, p_fused) in zip(net_ref.named_parameters(), net_fused.named_parameters()):
+            assert_close(p_fused.grad, p_ref.grad, FP32, f"grad of {name}")
+            adam_checked(p_fused.detach(), p_ref.detach(), p_ref.grad, cfg.optim.lr_g, name)
+        for (name, b_ref), (_, b_fused) in zip(net_ref.named_buffers(), net_fused.named_buffers()):
+            assert_close(b_fused.float(), b_ref.float(), FP32, name)
+    for opt in ("opt_g", "opt_d"):
+        for s_ref, s_fused in zip(getattr(steps["ref"], opt).state.values(), getattr(steps["fused"], opt).state.values()):
+            assert_close(s_fused["exp_avg"], s_ref["exp_avg"], FP32, f"{opt} exp_avg")
+            assert_close(s_fused["exp_avg_sq"], s_ref["exp_avg_sq"], 2 * FP32, f"{opt} exp_avg_sq (g^2)")
+
+
+def test_compile_fullgraph_no_graph_break():
+    """torch.compile(fullgraph=True) raises on any graph break; aot_eager traces the fused ops
+    (opaque custom ops with fake implementations under the interpreter) forward and backward."""
+    torch.manual_seed(3)
+    G = Generator("mmgen", 32, 3, base_channels=4, backend="triton")
+    D = Discriminator("mmgen", 32, 3, base_channels=4, backend="triton")
+    G.deterministic = D.deterministic = True
+
+    def loss_fn(z, real):
+        bce = torch.nn.functional.binary_cross_entropy_with_logits
+        pred_fake, pred_real = D(G(z)), D(real)
+        return bce(pred_fake, torch.zeros_like(pred_fake)) + bce(pred_real, torch.ones_like(pred_real))
+
+    z, real = torch.randn(2, 100), torch.randn(2, 3, 32, 32)
+    G_eager, D_eager = copy.deepcopy(G), copy.deepcopy(D)
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
+    loss = compiled(z, real)
+    loss.backward()
+    G, D = G_eager, D_eager                  # loss_fn reads G and D from this scope
+    eager = loss_fn(z, real)
+    eager.backward()
+    assert rel_err(loss, eager) <= FP32
