@@ -56,7 +56,8 @@ class TrainStep:
     iteration is a pure function of its inputs and the state (resume replays it exactly).
     """
 
-    def __init__(self, cfg, G: nn.Module, D: nn.Module, device: torch.device, distributed: bool = False):
+    def __init__(self, cfg, G: nn.Module, D: nn.Module, device: torch.device, distributed: bool = False,
+                 compile_backend: str = "inductor"):
         if cfg.recipe not in ("mmgen", "pytorch_examples"):
             raise ValueError(f"recipe must be mmgen or pytorch_examples, got {cfg.recipe!r}")
         self.G, self.D, self.device = G, D, device
@@ -64,7 +65,7 @@ class TrainStep:
         self.num_noise = 2 if cfg.recipe == "mmgen" else 1
         self.amp_dtype = AMP_DTYPES[cfg.amp]
         cuda = device.type == "cuda"
-        o = cfg.optim
+        o = self.optim = cfg.optim
         self.opt_g = torch.optim.Adam(G.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2), fused=cuda or None)
         self.opt_d = torch.optim.Adam(D.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2), fused=cuda or None)
         # fp16 needs loss scaling; one scaler serves both optimizers (torch AMP docs, "multiple
@@ -79,7 +80,8 @@ class TrainStep:
         else:
             self.g_train, self.d_pair = G, pair
         fn = self._mmgen if self.recipe == "mmgen" else self._pytorch_examples
-        self._fn = torch.compile(fn) if cfg.compile else fn
+        # compile_backend: "aot_eager" traces the same graphs without inductor's codegen (tests).
+        self._fn = torch.compile(fn, backend=compile_backend) if cfg.compile else fn
 
     def noise(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randn(self.num_noise, batch_size, self.G.noise_size, device=self.device, generator=generator)
@@ -143,8 +145,25 @@ class TrainStep:
         return {"opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
                 "scaler": self.scaler.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
+    def load_state_dict(self, state: dict) -> list[str]:
+        """Restores the optimizer moments and the scaler; lr and betas stay the config's (a
+        resumed run with --optim.lr_d=... must train with that lr, as its log says). Returns
+        the hyperparameters that differ from the checkpoint's, for the log."""
+        changed = []
+        for name, opt, lr in (("g", self.opt_g, self.optim.lr_g), ("d", self.opt_d, self.optim.lr_d)):
+            opt.load_state_dict(state[f"opt_{name}"])
+            betas = (self.optim.beta1, self.optim.beta2)
+            for group in opt.param_groups:
+                old_lr = float(group["lr"])
+                if old_lr != lr:
+                    changed.append(f"lr_{name} {old_lr:g} -> {lr:g}")
+                if tuple(float(b) for b in group["betas"]) != betas:
+                    changed.append(f"betas_{name} {tuple(group['betas'])} -> {betas}")
+                if isinstance(group["lr"], torch.Tensor):     # capturable/fused optimizers keep a tensor lr
+                    group["lr"].fill_(lr)
+                else:
+                    group["lr"] = lr
+                group["betas"] = betas
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        return changed

@@ -181,7 +181,9 @@ def _restore(state: dict, d, G, D, step: TrainStep, noise_gen, log: RunLog) -> N
     except RuntimeError as e:
         raise TrainingError(f"the checkpoint's model does not fit this config's model "
                             f"(checkpoint: {state['config'].get('model')}):\n{e}") from None
-    step.load_state_dict(state)
+    changed = step.load_state_dict(state)
+    if changed:
+        log.say(f"optimizer settings from the config, not the checkpoint: {', '.join(changed)}")
     rng = state.get("rng") or []
     if len(rng) == d.world_size:
         checkpoint.set_rng_state(rng[d.rank])
@@ -259,7 +261,7 @@ def train(cfg, d: distrib.Dist, resume: str | None = None) -> int:
         log.record({"event": "resume", "iter": start, "from": str(path), "time": time.time()})
 
     from fastgan.data import build_loader
-    loader = build_loader(cfg, rank=d.rank, world_size=d.world_size, device=d.device, start_iter=start)
+    loader = build_loader(cfg, rank=d.rank, world_size=d.world_size, device=d.device, start_iter=start, log=log.say)
     log.say(f"data: {loader.name}, {loader.num_images:,} images, {loader.batches_per_epoch:,} batches/epoch per rank")
     evaluator = None
     if cfg.eval_interval > 0:
