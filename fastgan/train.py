@@ -253,7 +253,8 @@ def train(cfg, d: distrib.Dist, resume: str | None = None) -> int:
                     f"(total_iters={cfg.total_iters}). Raise --total_iters to train further.")
             log.close()
             return start
-    step = TrainStep(cfg, G, D, d.device, distributed=d.enabled)
+    from fastgan.graph import build_step     # the CUDA-graph step where it applies; logs which runs
+    step = build_step(cfg, G, D, d.device, distributed=d.enabled, log=log.say)
     if found:
         _restore(state, d, G, D, step, noise_gen, log)
         del state
