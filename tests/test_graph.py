@@ -1,8 +1,9 @@
 """fastgan/graph.py: GraphedStep against TrainStep.
 
-CPU (~30 s on 2 cores; tiny models, 32x32, base_channels 8, batch 4): the uncaptured function equals
-TrainStep exactly for both recipes, across checkpoints loaded either way; the flat-bucket all-reduce
-equals DDP on 2 gloo processes; torch.compile traces it; build_step's choice and log line.
+CPU (about 1 minute on 2 cores, half of it the aot_eager compile; tiny models: 32x32,
+base_channels 8, batch 4): the uncaptured function equals TrainStep exactly for both recipes,
+across checkpoints loaded either way; the flat-bucket all-reduce equals DDP on 2 gloo processes;
+torch.compile traces it; build_step's choice and log line.
 CUDA only (skipped here): captured replay against the uncaptured step and TrainStep for 10
 iterations, backends torch and triton, fp32 and bf16; no host sync in replays; NCCL capture.
 """
