@@ -19,3 +19,21 @@ def k_loop(request, monkeypatch):
     import fastgan.kernels.utils as utils
     monkeypatch.setattr(utils, "FORCE_FLAT_K", request.param)
     return request.param
+
+
+@pytest.fixture
+def on_device(monkeypatch):
+    """Kernel tests: tensors on the GPU when there is one (DEVICE in tests/parity.py), and fp32
+    GEMMs in IEEE fp32 on both sides of a parity check (torch defaults cuDNN convolutions to tf32;
+    tests that want tf32 turn it back on)."""
+    from parity import DEVICE
+    if DEVICE.type == "cpu":      # already the default; the device mode would slow every torch call
+        yield DEVICE
+        return
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_default_device(DEVICE)
+    yield DEVICE
+    torch.set_default_device(None)
+    torch.backends.cuda.matmul.allow_tf32 = matmul_tf32

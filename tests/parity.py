@@ -34,6 +34,15 @@ from torch import nn
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
+# Kernels run where Triton runs: CUDA when there is a GPU, else CPU tensors through the
+# interpreter. Tests using parity take the `on_device` fixture (tests/conftest.py): DEVICE is the
+# default device for their tensors, and fp32 is IEEE fp32 (no tf32) on both sides.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator(DEVICE).manual_seed(seed)
+
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.detach().double(), expected.detach().double()
@@ -88,7 +97,7 @@ def randomize(module: nn.Module, gen: torch.Generator) -> None:
 def autocast(dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast("cpu", dtype=dtype)
+    return torch.autocast(DEVICE.type, dtype=dtype)
 
 
 def check_chain(blocks, x: torch.Tensor, dtype: torch.dtype, seed: int) -> None:
@@ -100,7 +109,7 @@ def check_module(ref: nn.Module, x: torch.Tensor, dtype: torch.dtype, seed: int)
     statistics: output, input grad and every parameter grad (fp32; see the module doc for half
     precision), running statistics (after the training forward), then the eval-mode output from
     the updated statistics, which must change nothing."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     randomize(ref, gen)
     fused = copy.deepcopy(ref)
     fused.backend, fused.deterministic = "triton", True
@@ -168,7 +177,7 @@ def check_layer_op(x_shape, weight_shape, *, transposed, stride, padding, norm, 
     (mean, invstd, gamma, beta) for random incoming gradients of y, mean and invstd."""
     import fastgan.kernels.layer  # noqa: F401  (registers torch.ops.fastgan.*)
     from fastgan.kernels.utils import ACTS
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     rnd = lambda *shape, scale=1.0, shift=0.0: torch.randn(shape, generator=gen) * scale + shift  # noqa: E731
     cin = x_shape[1]
     x = rnd(*x_shape).to(dtype).float()

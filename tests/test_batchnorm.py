@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from fastgan.kernels.batchnorm import bn_grad, bn_stats
-from parity import TOL, assert_close
+from parity import DEVICE, TOL, assert_close, generator
+
+pytestmark = pytest.mark.usefixtures("on_device")
 
 
 def partial_sums(y: torch.Tensor, shift: torch.Tensor, tiles: int) -> torch.Tensor:
@@ -18,7 +20,7 @@ def partial_sums(y: torch.Tensor, shift: torch.Tensor, tiles: int) -> torch.Tens
 
 @pytest.mark.parametrize("n, c, hw, tiles", [(1, 3, 2, 1), (3, 7, 4, 5), (2, 130, 8, 9)])
 def test_bn_stats_matches_batch_norm(n, c, hw, tiles):
-    gen = torch.Generator().manual_seed(n * 100 + c)
+    gen = generator(n * 100 + c)
     y = torch.randn(n, c, hw, hw, generator=gen) * 2 + torch.randn(c, 1, 1, generator=gen)
     rm, rv = torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.5
     mean, invstd, new_rm, new_rv = bn_stats(partial_sums(y, rm, tiles), y.numel() // c, rm, rm, rv,
@@ -36,7 +38,7 @@ def test_bn_stats_matches_batch_norm(n, c, hw, tiles):
 def test_bn_stats_survive_a_large_mean():
     """mean 1e4, std 1: unshifted sums would lose the variance to cancellation in fp32
     (E[y^2] ~ 1e8, ulp ~ 8); shifted by the running mean it stays exact to ~1e-6."""
-    gen = torch.Generator().manual_seed(1)
+    gen = generator(1)
     y = torch.randn(4, 3, 8, 8, generator=gen, dtype=torch.float64) + 1e4
     shift = torch.full((3,), 1e4 - 0.3, dtype=torch.float64)
     part = partial_sums(y, shift, 4).float()
@@ -53,7 +55,7 @@ def test_bn_stats_needs_two_values():
 
 def test_bn_grad_matches_autograd():
     """(S1, S2) = (sum dz, sum dz (x - mean)) -> gradients of (x - mean) * invstd * gamma + beta."""
-    gen = torch.Generator().manual_seed(2)
+    gen = generator(2)
     c = 6
     x, dz = torch.randn(3, c, 4, 4, generator=gen), torch.randn(3, c, 4, 4, generator=gen)
     params = [torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.5,
@@ -78,7 +80,7 @@ def layer_outputs(deterministic: bool, x, w, rm, rv):
 
 def test_atomic_and_deterministic_statistics_agree():
     import fastgan.kernels.layer  # noqa: F401  (registers the op)
-    gen = torch.Generator().manual_seed(3)
+    gen = generator(3)
     x, w = torch.randn(4, 5, 32, 32, generator=gen), torch.randn(7, 5, 4, 4, generator=gen) * 0.1
     rm, rv = torch.randn(7, generator=gen), torch.rand(7, generator=gen) + 0.5
     det = layer_outputs(True, x, w, rm, rv)

@@ -10,7 +10,9 @@ from fastgan.kernels.conv import conv2d, conv_out_size
 from fastgan.kernels.utils import (ACT_LEAKY, ACT_RELU, PRO_ACT, PRO_NONE, PRO_NORM_ACT, Epilogue, Prologue,
                                    channels_last_empty)
 from fastgan.models import ConvModule
-from parity import TOL, assert_close, check_chain, check_layer_op
+from parity import DEVICE, TOL, assert_close, check_chain, check_layer_op, generator
+
+pytestmark = pytest.mark.usefixtures("on_device")
 
 
 def apply_prologue(x, pro: Prologue):
@@ -37,7 +39,7 @@ def random_prologue(mode: str, c: int, gen) -> Prologue:
 @pytest.mark.parametrize("mode", ["none", "act", "norm_act"])
 @pytest.mark.parametrize("epilogue", ["plain", "bias", "stats"])
 def test_conv2d_forward(stride, padding, size, mode, epilogue, k_loop):
-    gen = torch.Generator().manual_seed(hash((stride, mode, epilogue)) % 2**31)
+    gen = generator(hash((stride, mode, epilogue)) % 2**31)
     n, cin, cout = 3, 5, 7                                    # odd channel counts
     x = torch.randn(n, cin, size, size, generator=gen)
     w = torch.randn(cout, cin, 4, 4, generator=gen) * 0.2
@@ -45,7 +47,7 @@ def test_conv2d_forward(stride, padding, size, mode, epilogue, k_loop):
     bias = torch.randn(cout, generator=gen) if epilogue == "bias" else None
     shift = torch.randn(cout, generator=gen) if epilogue == "stats" else None
     ho = conv_out_size(size, stride, padding)
-    out = channels_last_empty((n, cout, ho, ho), torch.float32, "cpu")
+    out = channels_last_empty((n, cout, ho, ho), torch.float32, DEVICE)
     part = conv2d(x, w, out, stride=stride, padding=padding, pro=pro,
                   epi=Epilogue(bias=bias, stats=epilogue == "stats", shift=shift), dtype=torch.float32)
     ref = F.conv2d(apply_prologue(x, pro), w, bias, stride=stride, padding=padding)

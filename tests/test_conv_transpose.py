@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from fastgan.kernels.conv_transpose import conv_transpose2d, conv_transpose_out_size
 from fastgan.kernels.utils import Epilogue, channels_last_empty
 from fastgan.models import ConvModule
-from parity import TOL, assert_close, check_chain, check_layer_op
+from parity import DEVICE, TOL, assert_close, check_chain, check_layer_op, generator
+
+pytestmark = pytest.mark.usefixtures("on_device")
 from test_conv import apply_prologue, random_prologue
 
 
@@ -18,7 +20,7 @@ from test_conv import apply_prologue, random_prologue
 @pytest.mark.parametrize("mode", ["none", "act", "norm_act"])
 @pytest.mark.parametrize("epilogue", ["plain", "stats", "bias_tanh"])
 def test_conv_transpose2d_forward(stride, padding, size, mode, epilogue, k_loop):
-    gen = torch.Generator().manual_seed(hash((stride, mode, epilogue, "t")) % 2**31)
+    gen = generator(hash((stride, mode, epilogue, "t")) % 2**31)
     n, cin, cout = 3, 5, 7
     x = torch.randn(n, cin, size, size, generator=gen)
     w = torch.randn(cin, cout, 4, 4, generator=gen) * 0.2
@@ -26,7 +28,7 @@ def test_conv_transpose2d_forward(stride, padding, size, mode, epilogue, k_loop)
     bias = torch.randn(cout, generator=gen) if epilogue == "bias_tanh" else None
     shift = torch.randn(cout, generator=gen) if epilogue == "stats" else None
     ho = conv_transpose_out_size(size, stride, padding)
-    out = channels_last_empty((n, cout, ho, ho), torch.float32, "cpu")
+    out = channels_last_empty((n, cout, ho, ho), torch.float32, DEVICE)
     part = conv_transpose2d(x, w, out, stride=stride, padding=padding, pro=pro,
                             epi=Epilogue(bias=bias, tanh=bias is not None, stats=epilogue == "stats", shift=shift),
                             dtype=torch.float32)
@@ -46,7 +48,7 @@ def test_tanh_epilogue_is_accurate_near_zero_and_saturates():
     x = torch.tensor([0.0, 1e-7, -3e-5, 1e-3, 0.3, -2.0, 9.0, -30.0, 80.0]).reshape(1, 9, 1, 1)
     w = torch.zeros(9, 9, 4, 4)
     w[torch.arange(9), torch.arange(9), 0, 0] = 1.0                   # out[c, 0, 0] = x[c]
-    out = channels_last_empty((1, 9, 4, 4), torch.float32, "cpu")
+    out = channels_last_empty((1, 9, 4, 4), torch.float32, DEVICE)
     conv_transpose2d(x, w, out, stride=1, padding=0, pro=random_prologue("none", 9, None),
                      epi=Epilogue(bias=torch.zeros(9), tanh=True), dtype=torch.float32)
     got, want = out[0, :, 0, 0], torch.tanh(x.flatten())

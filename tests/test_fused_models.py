@@ -11,7 +11,9 @@ import torch
 from fastgan.config import Config
 from fastgan.models import Discriminator, Generator, build
 from fastgan.step import TrainStep
-from parity import TOL, assert_close, check_module, rel_err
+from parity import DEVICE, TOL, assert_close, check_module, generator, rel_err
+
+pytestmark = pytest.mark.usefixtures("on_device")
 
 FP32 = TOL[torch.float32]
 
@@ -57,10 +59,10 @@ def test_one_training_iteration(recipe):
     G_fused, D_fused = copy.deepcopy(G_ref), copy.deepcopy(D_ref)
     for net in (G_fused, D_fused):
         net.backend, net.deterministic = "triton", True
-    device = torch.device("cpu")
+    device = DEVICE
     steps = {name: TrainStep(cfg, G, D, device) for name, G, D in
              [("ref", G_ref, D_ref), ("fused", G_fused, D_fused)]}
-    gen = torch.Generator().manual_seed(2)
+    gen = generator(2)
     real = torch.rand(4, 3, 32, 32, generator=gen) * 2 - 1
     z = steps["ref"].noise(4, gen)
     losses = {name: s.step(real, z) for name, s in steps.items()}
@@ -77,9 +79,11 @@ def test_one_training_iteration(recipe):
             assert_close(s_fused["exp_avg_sq"], s_ref["exp_avg_sq"], 2 * FP32, f"{opt} exp_avg_sq (g^2)")
 
 
-def test_compile_fullgraph_no_graph_break():
+@pytest.mark.parametrize("backend", ["aot_eager"] + (["inductor"] if DEVICE.type == "cuda" else []))
+def test_compile_fullgraph_no_graph_break(backend):
     """torch.compile(fullgraph=True) raises on any graph break; aot_eager traces the fused ops
-    (opaque custom ops with fake implementations under the interpreter) forward and backward."""
+    (opaque custom ops with fake implementations under the interpreter) forward and backward;
+    on a GPU inductor compiles them too (triton_op: inductor sees the Triton kernels)."""
     torch.manual_seed(3)
     G = Generator("mmgen", 32, 3, base_channels=4, backend="triton")
     D = Discriminator("mmgen", 32, 3, base_channels=4, backend="triton")
@@ -92,13 +96,30 @@ def test_compile_fullgraph_no_graph_break():
 
     z, real = torch.randn(2, 100), torch.randn(2, 3, 32, 32)
     G_eager, D_eager = copy.deepcopy(G), copy.deepcopy(D)
-    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(loss_fn, backend=backend, fullgraph=True)
     loss = compiled(z, real)
     loss.backward()
     G, D = G_eager, D_eager                  # loss_fn reads G and D from this scope
     eager = loss_fn(z, real)
     eager.backward()
     assert rel_err(loss, eager) <= FP32
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="tf32 is a CUDA tensor-core format")
+def test_tf32(monkeypatch):
+    """With torch.backends.cudnn.allow_tf32 (torch's default) the fused fp32 GEMMs use tf32, as the
+    reference convolutions do. tf32 keeps 10 mantissa bits, like fp16, so the fp16 bound applies,
+    against the IEEE fp32 reference; torch's own tf32 convolutions are held to the same bound."""
+    torch.manual_seed(5)
+    G = Generator("mmgen", 64, 3, base_channels=16)
+    fused = copy.deepcopy(G)
+    fused.backend = "triton"
+    z = torch.randn(8, G.noise_size)
+    with torch.no_grad():
+        want = G(z)
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+        assert_close(fused(z), want, TOL[torch.float16], "fused tf32 output")
+        assert_close(G(z), want, TOL[torch.float16], "torch tf32 output")
 
 
 def test_fifty_iterations_converge_alike(tmp_path):
@@ -117,15 +138,14 @@ def test_fifty_iterations_converge_alike(tmp_path):
     d = cfg.data
     d.source, d.root, d.synthetic_count = "synthetic", str(tmp_path / "faces"), 64
     d.loader, d.cache, d.cache_dir, d.num_workers = "torch", "host", str(tmp_path / "cache"), 0
-    batches = iter(build_loader(cfg, log=lambda *a, **k: None))
+    batches = iter(build_loader(cfg, device=DEVICE, log=lambda *a, **k: None))
     torch.manual_seed(0)
     G_ref, D_ref = build(cfg.model, "torch")
     G_fused, D_fused = copy.deepcopy(G_ref), copy.deepcopy(D_ref)
     for net in (G_fused, D_fused):
         net.backend, net.deterministic = "triton", True
-    cpu = torch.device("cpu")
-    ref, fused = TrainStep(cfg, G_ref, D_ref, cpu), TrainStep(cfg, G_fused, D_fused, cpu)
-    gen = torch.Generator().manual_seed(1)
+    ref, fused = TrainStep(cfg, G_ref, D_ref, DEVICE), TrainStep(cfg, G_fused, D_fused, DEVICE)
+    gen = generator(1)
     losses_ref, losses_fused = [], []
     for _ in range(50):
         real, z = next(batches), ref.noise(4, gen)

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 import fastgan.kernels.wgrad as wgrad_mod
 from fastgan.kernels.utils import PRO_DY_STATS, PRO_DY_TANH, Prologue
 from fastgan.kernels.wgrad import channel_sum, wgrad
-from parity import TOL, assert_close
+from parity import DEVICE, TOL, assert_close, generator
+
+pytestmark = pytest.mark.usefixtures("on_device")
 from test_conv import apply_prologue, random_prologue
 
 
@@ -49,7 +51,7 @@ CASES = [  # transposed, stride, padding, x size, dy size
 @pytest.mark.parametrize("transposed, stride, padding, size, out_size", CASES)
 @pytest.mark.parametrize("mode, dy", [("none", "none"), ("norm_act", "stats"), ("act", "tanh")])
 def test_wgrad(transposed, stride, padding, size, out_size, mode, dy, k_loop):
-    gen = torch.Generator().manual_seed(hash((transposed, stride, mode)) % 2**31)
+    gen = generator(hash((transposed, stride, mode)) % 2**31)
     n, cin, cout = 3, 5, 6
     x = torch.randn(n, cin, size, size, generator=gen)
     g = torch.randn(n, cout, out_size, out_size, generator=gen)
@@ -67,7 +69,7 @@ def test_wgrad_split_k(monkeypatch, deterministic, k_loop):
     """Rows split over programs: per-split partials summed in order, or fp32 atomics."""
     monkeypatch.setattr(wgrad_mod, "_target_programs", lambda device: 10_000)
     monkeypatch.setattr(wgrad_mod, "INTERPRET", False)         # GPU row blocks (64), so rows split
-    gen = torch.Generator().manual_seed(3)
+    gen = generator(3)
     x, g = torch.randn(4, 3, 32, 32, generator=gen), torch.randn(4, 5, 16, 16, generator=gen)
     assert wgrad_mod.split_rows(4 * 16 * 16, 64, 16, x.device)[0] == 4
     pro = random_prologue("norm_act", 3, gen)
@@ -81,7 +83,7 @@ def test_wgrad_split_k(monkeypatch, deterministic, k_loop):
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float16, TOL[torch.float16]), (torch.bfloat16, TOL[torch.bfloat16])])
 def test_wgrad_half(dtype, tol):
-    gen = torch.Generator().manual_seed(4)
+    gen = generator(4)
     x, g = torch.randn(2, 5, 8, 8, generator=gen), torch.randn(2, 7, 16, 16, generator=gen)
     pro = random_prologue("norm_act", 5, gen)
     dw = wgrad(x.to(dtype), pro, g.to(dtype), Prologue(), stride=2, padding=1, dtype=dtype)
@@ -90,7 +92,7 @@ def test_wgrad_half(dtype, tol):
 
 @pytest.mark.parametrize("dy", ["none", "tanh", "stats"])
 def test_channel_sum(dy):
-    gen = torch.Generator().manual_seed(5)
+    gen = generator(5)
     g = torch.randn(3, 7, 8, 8, generator=gen)
     y = torch.tanh(torch.randn(g.shape, generator=gen))
     dpro = dy_prologue(dy, y, gen)
