@@ -1,10 +1,11 @@
 # A few minutes on a 2-core CPU: a narrow MMGen DCGAN at 32x32 on the built-in synthetic faces.
-# Samples every 100 iterations show blobs turning into faces.
+# Samples every 100 iterations show noise, then blobs, then faces: at 600 iterations heads with
+# hair and eyes on flat backgrounds, cleaner by 1000 (3.3 min of training on a 2-core CPU).
 from fastgan.config import Config, DataConfig, ModelConfig
 
 config = Config(
     work_dir="work_dirs/quickstart",
-    total_iters=600,
+    total_iters=1000,
     batch_size=64,
     amp="fp32",
     backend="auto",
