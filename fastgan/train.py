@@ -165,13 +165,27 @@ def _save_checkpoint(cfg, d, G, D, step: TrainStep, noise_gen, iteration: int, b
 
 def _find_start(cfg, d, resume: str | None, log: RunLog) -> tuple[Path, dict] | None:
     ckpt_dir = Path(cfg.work_dir) / "ckpt"
+    found, error = None, None
     if resume:
-        return Path(resume), checkpoint.load(resume)      # named explicitly: unreadable is an error
-    if d.main:
-        for p in checkpoint.remove_temp_files(ckpt_dir):
-            log.say(f"removed {p.name}, left by an interrupted write")
-    distrib.barrier(d)
-    return checkpoint.load_latest(ckpt_dir, warn=lambda m: log.say(f"warning: {m}"))
+        try:        # named explicitly: unreadable is an error
+            found = Path(resume), checkpoint.load(resume)
+        except checkpoint.CheckpointError as e:
+            error = str(e)
+    else:
+        if d.main:
+            for p in checkpoint.remove_temp_files(ckpt_dir):
+                log.say(f"removed {p.name}, left by an interrupted write")
+        distrib.barrier(d)
+        found = checkpoint.load_latest(ckpt_dir, warn=lambda m: log.say(f"warning: {m}"))
+    # Every rank reads the checkpoint itself: on several nodes it must lie in a folder every node
+    # sees, or the ranks would start from different iterations and hang in the first all-reduce.
+    seen = distrib.gather_objects(d, error or (found[1]["iteration"] if found else 0))
+    if len(set(seen)) > 1:
+        raise checkpoint.CheckpointError(f"the ranks disagree about {resume or ckpt_dir} (per rank: {seen}); "
+                                         "checkpoints and work_dir must be in a folder every node sees")
+    if error:
+        raise checkpoint.CheckpointError(error)
+    return found
 
 
 def _restore(state: dict, d, G, D, step: TrainStep, noise_gen, log: RunLog) -> None:

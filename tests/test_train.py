@@ -238,6 +238,17 @@ def test_kill_then_same_command_continues(tmp_path, data_args):
     assert lines[-1].startswith('{"iter": ' + str(second + 4)) and '{"iter": 99' in lines
 
 
+def test_ranks_that_see_different_checkpoints_stop(tmp_path, data_args, monkeypatch):
+    """Several nodes without a shared work_dir: rank 1 finds no checkpoint where rank 0 finds one.
+    Every rank must stop with the reason (not hang, not train from two different states)."""
+    train(tiny(tmp_path, data_args, "--total_iters=2", "--ckpt_interval=2", "--sample_interval=100"), Dist())
+    from fastgan import distrib
+    monkeypatch.setattr(distrib, "gather_objects", lambda d, obj: [obj, 0])     # what rank 1 reports
+    with pytest.raises(ck.CheckpointError, match=r"ranks disagree .* \(per rank: \[2, 0\]\)"):
+        train(tiny(tmp_path, data_args, "--total_iters=4", "--ckpt_interval=2"), Dist())
+    assert [n for n, _ in ck.list_checkpoints(tmp_path / "ckpt")] == [2]
+
+
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, data_args):
     work = tmp_path / "run"
     base = [ROOT / "configs" / "quickstart.py", f"--work_dir={work}", *data_args, "--sample_interval=100",
