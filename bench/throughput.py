@@ -114,8 +114,8 @@ def parse(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="JSON path (default bench/results/<device>-<YYYY-MM-DD>.json)")
     p.add_argument("--append", action="store_true",
-                   help="keep the rows of --out that this run does not redo (one table from several runs, "
-                        "e.g. calls under a time limit)")
+                   help="keep the rows already in --out and run only the missing or failed ones: one table "
+                        "from several calls under a time limit (rows are saved as each finishes)")
     args = p.parse_args(argv)
     if args.repeats < 1 or min(args.batches) < 2:
         p.error("--repeats must be >= 1 and every batch >= 2 (BatchNorm needs 2 values per channel)")
@@ -490,8 +490,8 @@ def failed_row(variant, preset, batch, mode, flops, error: Exception) -> dict:
 
 
 def merge(previous: list, rows: list) -> list:
-    """Rows of an earlier run (--append) that this run did not redo, then this run's; speedups
-    over eager_fp32 of the same preset, batch and mode, wherever that row is."""
+    """Rows of an earlier run (--append) that this run did not redo, and this run's, in table order;
+    speedups over eager_fp32 of the same preset, batch and mode, whichever run measured it."""
     new = {key(r) for r in rows}
     order = lambda r: (list(RECIPES).index(r["preset"]), r["batch"], MODES.index(r["mode"]),  # noqa: E731
                        list(VARIANTS).index(r["variant"]))
@@ -524,9 +524,12 @@ def main(argv=None):
     log(f"bf16 matmul peak, {args.peak_size}^3: {peak:.3f} TFLOP/s")
     head = {"device": name, "date": date, "torch": torch.__version__, "triton": triton.__version__,
             "peak_tflops": peak, "cuda": CUDA, "settings": vars(args)}
+    done = {key(r) for r in previous if not r.get("error")}
     jobs = [(p, b, m, v) for p in args.presets for b in args.batches for m in args.modes
-            for v in sorted(args.variants, key=lambda v: v != BASELINE)]
-    rows, t0 = [], time.perf_counter()
+            for v in sorted(args.variants, key=lambda v: v != BASELINE) if (v, p, b, m) not in done]
+    if done:
+        log(f"--append: {len(done)} rows already in {out}; {len(jobs)} to run")
+    rows, merged, t0 = [], merge(previous, []), time.perf_counter()
     for k, (preset, batch, mode, variant) in enumerate(jobs, 1):
         flops = count_flops(make_cfg(args, preset), batch, mode)
         log(f"[{k}/{len(jobs)}] {variant} {preset} batch {batch} {mode}: {flops / batch / 1e9:.3f} GFLOP/img "

@@ -121,3 +121,20 @@ def test_cpu_run_as_a_user_runs_it(tmp_path):
     assert rows[0]["speedup_vs_eager"] == 1.0
     table = proc.stdout
     assert table.count("\n| ") == len(rows) + 1, "one markdown line per row, plus the header"
+
+
+def test_append_merges_rows_and_recomputes_speedups():
+    """--append: a row redone replaces the old one, the others stay, speedups use whichever run
+    measured eager_fp32."""
+    bench = load_bench()
+    rate = lambda: float(torch.empty(()).uniform_(10, 1000))   # noqa: E731
+    row = lambda variant, r, mode="train": {"variant": variant, "preset": "mmgen", "batch": 128, "mode": mode,  # noqa: E731
+                                            "img_per_s": r}
+    eager, old_fast, new_fast, other = rate(), rate(), rate(), rate()
+    previous = [row("fastgan", old_fast), row("eager_fp32", eager), row("eager_bf16", other, "sample")]
+    merged = bench.merge(previous, [row("fastgan", new_fast)])
+    assert [(r["variant"], r["mode"]) for r in merged] == [("eager_fp32", "train"), ("fastgan", "train"),
+                                                           ("eager_bf16", "sample")]
+    assert merged[1]["img_per_s"] == new_fast and merged[1]["speedup_vs_eager"] == pytest.approx(new_fast / eager)
+    assert merged[0]["speedup_vs_eager"] == 1.0
+    assert merged[2]["speedup_vs_eager"] is None   # no eager_fp32 sample row to compare with
