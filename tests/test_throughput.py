@@ -127,9 +127,12 @@ def test_append_merges_rows_and_recomputes_speedups():
     """--append: a row redone replaces the old one, the others stay, speedups use whichever run
     measured eager_fp32."""
     bench = load_bench()
-    rate = lambda: float(torch.empty(()).uniform_(10, 1000))   # noqa: E731
-    row = lambda variant, r, mode="train": {"variant": variant, "preset": "mmgen", "batch": 128, "mode": mode,  # noqa: E731
-                                            "img_per_s": r}
+    def rate():
+        return float(torch.empty(()).uniform_(10, 1000))
+
+    def row(variant, img_per_s, mode="train"):
+        return {"variant": variant, "preset": "mmgen", "batch": 128, "mode": mode, "img_per_s": img_per_s}
+
     eager, old_fast, new_fast, other = rate(), rate(), rate(), rate()
     previous = [row("fastgan", old_fast), row("eager_fp32", eager), row("eager_bf16", other, "sample")]
     merged = bench.merge(previous, [row("fastgan", new_fast)])
