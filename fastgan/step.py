@@ -133,6 +133,10 @@ class TrainStep:
     def _pytorch_examples(self, real: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         with self._autocast():
             fake = self.g_train(z[0])
+        # Compiled, G's and D's forwards would become one autograd node, whose saved tensors the D
+        # step's backward frees before the G step's backward needs them; a break keeps them apart.
+        torch._dynamo.graph_break()
+        with self._autocast():
             pred_real, pred_fake = self.d_pair(real, fake.detach())
             loss_real, loss_fake = _bce(pred_real, 1.0), _bce(pred_fake, 0.0)
         self._update(self.opt_d, loss_real + loss_fake)
