@@ -353,11 +353,6 @@ def main(argv: list[str] | None = None) -> int:
     except config_mod.ConfigError as e:
         sys.exit(f"config error: {e}")
     d = distrib.setup(device)
-    if d.device.type == "cpu":
-        # Subnormal floats appear in some iterations and make x86 arithmetic crawl: the quick start
-        # fell from ~600 to ~30 img/s for 90 iterations (2-core CPU). Flushing them to zero
-        # changes no loss in its first 4 decimals. Set before the first op creates worker threads.
-        torch.set_flush_denormal(True)
     try:
         train(cfg, d, resume)
     except (TrainingError, checkpoint.CheckpointError) as e:
