@@ -8,6 +8,9 @@ Tolerances, against an fp32 torch reference:
 - fp32 1e-5: both sides sum the same products in fp32 in different orders; the rounding error
   grows like sqrt(K) * 6e-8 for K <= 2048 terms per output (<= 3e-6), and BatchNorm's
   normalisation, which divides by a batch standard deviation, amplifies it by at most a few.
+  Whole modules (check_module) judge fp32 against an fp64 copy of the reference, and allow 10x
+  torch's own fp32 error where a small tensor sums many cancelling terms (a bias grad over 8192
+  positions: the rounding is relative to the terms, not to the tiny sum).
 - fp16 1e-2: GEMM inputs are rounded to fp16 (relative 2^-11 = 4.9e-4 each) at every layer, in
   forward and backward; three to five layers compound to ~3e-3 (measured 0.9e-3 for a 4-layer G;
   torch's own fp16 autocast gives 1.3e-3 on the same case).
@@ -108,40 +111,59 @@ def check_module(ref: nn.Module, x: torch.Tensor, dtype: torch.dtype, seed: int)
     """ref (torch backend) vs a copy on the triton backend, after fresh random parameters and
     statistics: output, input grad and every parameter grad (fp32; see the module doc for half
     precision), running statistics (after the training forward), then the eval-mode output from
-    the updated statistics, which must change nothing."""
+    the updated statistics, which must change nothing.
+
+    fp32 is judged against an fp64 copy of the reference (see `compare`); half precision against
+    the fp32 reference."""
     gen = generator(seed)
     randomize(ref, gen)
     fused = copy.deepcopy(ref)
     fused.backend, fused.deterministic = "triton", True
+    exact = copy.deepcopy(ref).double()
     tol = TOL[dtype]
 
-    x_ref, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out_ref = ref(x_ref)
+    def compare(actual, ref32, ref64, what):
+        if dtype != torch.float32:
+            return assert_close(actual, ref32, tol, what)
+        # A tensor of few elements that sums many terms of both signs (a bias grad over 2*64*64
+        # positions, a decision logit at batch 1) can cancel to far below its terms; fp32 rounding
+        # is relative to the terms, so no bound relative to the result holds for every draw. Both
+        # fp32 results are measured against fp64: fused must be within tol, or within 10x of
+        # torch's own fp32 error where cancellation makes that larger.
+        own = rel_err(ref32, ref64)
+        err = rel_err(actual, ref64)
+        assert err <= max(tol, 10 * own), f"{what}: relative error {err:.3e} > max({tol:.0e}, 10 x torch's {own:.1e})"
+        assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+
+    x_ref, x_fused, x_exact = x.clone().requires_grad_(), x.clone().requires_grad_(), x.double().requires_grad_()
+    out_ref, out_exact = ref(x_ref), exact(x_exact)
     with autocast(dtype):
         out_fused = fused(x_fused)
     assert out_fused.dtype == dtype, f"output dtype {out_fused.dtype}, expected {dtype}"
-    assert_close(out_fused, out_ref, tol, "output")
+    compare(out_fused, out_ref, out_exact, "output")
     if dtype == torch.float32:
         g = torch.randn(out_ref.shape, generator=gen)
         (out_ref * g).sum().backward()
+        (out_exact * g.double()).sum().backward()
         (out_fused.float() * g).sum().backward()
-        assert_close(x_fused.grad, x_ref.grad, tol, "input grad")
-        for (name, p_ref), (_, p_fused) in zip(ref.named_parameters(), fused.named_parameters()):
-            assert_close(p_fused.grad, p_ref.grad, tol, f"grad of {name}")
-    for (name, b_ref), (_, b_fused) in zip(ref.named_buffers(), fused.named_buffers()):
+        compare(x_fused.grad, x_ref.grad, x_exact.grad, "input grad")
+        for (name, p_ref), (_, p_fused), p_exact in zip(ref.named_parameters(), fused.named_parameters(),
+                                                         exact.parameters()):
+            compare(p_fused.grad, p_ref.grad, p_exact.grad, f"grad of {name}")
+    for (name, b_ref), (_, b_fused), b_exact in zip(ref.named_buffers(), fused.named_buffers(), exact.buffers()):
         if name.endswith("num_batches_tracked"):
             assert torch.equal(b_fused, b_ref), f"{name}: {b_fused} != {b_ref}"
         else:
-            assert_close(b_fused, b_ref, tol, name)
+            compare(b_fused, b_ref, b_exact, name)
 
-    ref.eval()
-    fused.eval()
+    for net in (ref, fused, exact):
+        net.eval()
     before = {k: v.clone() for k, v in fused.state_dict().items()}
     with torch.no_grad(), autocast(dtype):
         out_fused = fused(x)
     with torch.no_grad():
-        out_ref = ref(x)
-    assert_close(out_fused, out_ref, tol, "eval output")
+        out_ref, out_exact = ref(x), exact(x.double())
+    compare(out_fused, out_ref, out_exact, "eval output")
     for k, v in fused.state_dict().items():
         assert torch.equal(v, before[k]), f"eval mode changed {k}"
 
