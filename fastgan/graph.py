@@ -189,10 +189,10 @@ class GraphedStep(TrainStep):
                 group["capturable"] = False
         return state
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> list[str]:
         if self.capture:
             torch.cuda.synchronize(self.device)   # replays in flight still read the old state
-        super().load_state_dict(state)
+        changed = super().load_state_dict(state)
         if self.capturable:
             for opt in (self.opt_g, self.opt_d):
                 for group in opt.param_groups:
@@ -202,3 +202,4 @@ class GraphedStep(TrainStep):
                         if s:   # a CPU TrainStep keeps `step` on the host; capturable wants it here
                             s["step"] = s["step"].to(device=p.device, dtype=torch.float32)
         self._reset_graph()      # the optimizer state tensors are new: warm up and capture again
+        return changed

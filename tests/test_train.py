@@ -141,8 +141,9 @@ def test_amp_steps_run(amp):
     assert step.scaler.is_enabled() == (amp == "fp16")
 
 
-def test_compiled_step_matches_eager():
-    cfg = C.Config(batch_size=4, model=C.ModelConfig(resolution=32, base_channels=4))
+@pytest.mark.parametrize("recipe", ["mmgen", "pytorch_examples"])
+def test_compiled_step_matches_eager(recipe):
+    cfg = C.Config(recipe=recipe, batch_size=4, model=C.ModelConfig(preset=recipe, resolution=32, base_channels=4))
     G, D = build(cfg.model)
     eager = TrainStep(cfg, copy.deepcopy(G), copy.deepcopy(D), torch.device("cpu"))
     # aot_eager: dynamo and AOT autograd trace the step as inductor would see it, in seconds
