@@ -115,7 +115,15 @@ def test_compiled_function_matches_eager():
     compiled = GraphedStep(dataclasses.replace(cfg, compile=True), G, D, CPU, compile_backend="aot_eager")
     for a, b in zip(*run([eager, compiled], 3, seed)):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)    # decompositions may reorder float sums
-    assert_same(eager, compiled, rtol=1e-4, atol=1e-5)
+    # Parameters: Adam's first steps are ~lr * sign(g); where a gradient lies within rounding of 0
+    # the reordered sums can flip the sign, moving that weight by up to 2 lr per iteration. Such
+    # elements are rare; everywhere else the two agree to rounding.
+    lr = cfg.optim.lr_g
+    for net_a, net_b in ((eager.G, compiled.G), (eager.D, compiled.D)):
+        for (name, x), y in zip(net_a.state_dict().items(), net_b.state_dict().values()):
+            diff = (y.float() - x.float()).abs()
+            assert diff.max() <= 3 * 2 * lr * 1.001, f"{name}: {diff.max():.2e} beyond 3 iterations of 2 lr"
+            assert (diff > 1e-5).float().mean() <= 0.02, f"{name}: {(diff > 1e-5).float().mean():.1%} differ"
 
 
 def test_build_step_says_which_runs():
