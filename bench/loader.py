@@ -35,6 +35,7 @@ from fastgan.data.sources import list_folder
 from fastgan.data.torch_loader import decode_into
 from fastgan.models import build, resolve_backend
 from fastgan.step import TrainStep
+from timing import sync  # bench/timing.py (bench/ is sys.path[0] when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,11 +59,6 @@ def parse(argv):
     p.add_argument("--skip", nargs="*", default=[], choices=("decode", "serve", "train"))
     p.add_argument("--out", help="JSON path (default bench/results/loader-<device>-<date>.json)")
     return p.parse_args(argv)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn, repeats, items, device):
