@@ -99,24 +99,47 @@ def _init(module: nn.Module, p: Preset):
             nn.init.zeros_(m.bias)
 
 
-class Generator(nn.Module):
+class _DCGAN(nn.Module):
+    """What G and D share: the preset, the widths per stage, the attributes the training loop and
+    the fused backend read, and running blocks() in either backend."""
+
+    def __init__(self, preset, resolution, channels, base_channels, backend):
+        super().__init__()
+        _check(channels, backend)
+        self.preset, self.resolution, self.channels, self.backend = preset, resolution, channels, backend
+        self.deterministic = False           # fused kernels: no atomics when True
+
+    def _plan(self, base_channels: int | None) -> tuple[Preset, list[int]]:
+        """The preset and the widths from full resolution (R/2) down to 4x4."""
+        p = _preset(self.preset)
+        base = base_channels or p.base_channels
+        return p, [base * 2 ** i for i in range(_num_stages(self.resolution))]
+
+    def blocks(self) -> list[ConvModule]:
+        raise NotImplementedError
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "triton":
+            from fastgan import fused
+            return fused.forward(self, x)
+        for blk in self.blocks():
+            x = blk(x)
+        return x.flatten(1) if x.shape[2:] == (1, 1) else x
+
+
+class Generator(_DCGAN):
     """z (N, noise_size) or (N, noise_size, 1, 1) -> images (N, channels, R, R) in [-1, 1]."""
 
     def __init__(self, preset="mmgen", resolution=64, channels=3, base_channels=None, backend="torch"):
-        super().__init__()
-        p = _preset(preset)
-        _check(channels, backend)
-        stages = _num_stages(resolution)
-        base = base_channels or p.base_channels
-        widths = [base * 2 ** i for i in reversed(range(stages))]          # 4x4 ... R/2
-        self.preset, self.resolution, self.channels, self.backend = preset, resolution, channels, backend
-        self.deterministic = False
+        super().__init__(preset, resolution, channels, base_channels, backend)
+        p, widths = self._plan(base_channels)
+        widths = widths[::-1]                                              # 4x4 ... R/2
         self.noise_size = p.noise_size
         self.noise2feat = ConvModule(p.noise_size, widths[0], transposed=True, stride=1, padding=0,
                                      bias=False, norm=True, act="relu")
         self.upsampling = nn.Sequential(*[
             ConvModule(widths[i], widths[i + 1], transposed=True, stride=2, padding=1,
-                       bias=False, norm=True, act="relu") for i in range(stages - 1)])
+                       bias=False, norm=True, act="relu") for i in range(len(widths) - 1)])
         self.to_rgb = ConvModule(widths[-1], channels, transposed=True, stride=2, padding=1,
                                  bias=p.out_bias, norm=False, act="tanh")
         _init(self, p)
@@ -132,31 +155,20 @@ class Generator(nn.Module):
             z = z[:, :, None, None]
         if z.shape[1:] != (self.noise_size, 1, 1):
             raise ValueError(f"noise must be (N, {self.noise_size}) or (N, {self.noise_size}, 1, 1), got {tuple(z.shape)}")
-        if self.backend == "triton":
-            from fastgan import fused
-            return fused.forward(self, z)
-        x = self.noise2feat(z)
-        x = self.upsampling(x)
-        return self.to_rgb(x)
+        return self._run(z)
 
 
-class Discriminator(nn.Module):
+class Discriminator(_DCGAN):
     """images (N, channels, R, R) -> logits (N, 1)."""
 
     def __init__(self, preset="mmgen", resolution=64, channels=3, base_channels=None, backend="torch"):
-        super().__init__()
-        p = _preset(preset)
-        _check(channels, backend)
-        stages = _num_stages(resolution)
-        base = base_channels or p.base_channels
-        widths = [base * 2 ** i for i in range(stages)]                    # R/2 ... 4x4
-        self.preset, self.resolution, self.channels, self.backend = preset, resolution, channels, backend
-        self.deterministic = False
+        super().__init__(preset, resolution, channels, base_channels, backend)
+        p, widths = self._plan(base_channels)                              # R/2 ... 4x4
         self.img2feat = ConvModule(channels, widths[0], transposed=False, stride=2, padding=1,
                                    bias=p.out_bias, norm=False, act="leaky_relu", slope=p.d_slope)
         self.downsampling = nn.Sequential(*[
             ConvModule(widths[i], widths[i + 1], transposed=False, stride=2, padding=1,
-                       bias=False, norm=True, act="leaky_relu", slope=p.d_slope) for i in range(stages - 1)])
+                       bias=False, norm=True, act="leaky_relu", slope=p.d_slope) for i in range(len(widths) - 1)])
         self.decision = ConvModule(widths[-1], 1, transposed=False, stride=1, padding=0,
                                    bias=p.out_bias, norm=False, act=None)
         _init(self, p)
@@ -168,12 +180,7 @@ class Discriminator(nn.Module):
         expect = (self.channels, self.resolution, self.resolution)
         if x.dim() != 4 or tuple(x.shape[1:]) != expect:
             raise ValueError(f"images must be (N, {', '.join(map(str, expect))}), got {tuple(x.shape)}")
-        if self.backend == "triton":
-            from fastgan import fused
-            return fused.forward(self, x)
-        x = self.img2feat(x)
-        x = self.downsampling(x)
-        return self.decision(x).flatten(1)
+        return self._run(x)
 
 
 def resolve_backend(name: str, device: torch.device | str) -> str:
