@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .operands import epilogue, load_operand, to_dot
-from .utils import Epilogue, Prologue, cdiv, dot_config, flat_k, gemm_blocks, launch, partials
+from .utils import Epilogue, Prologue, cdiv, dot_config, flat_k, gemm_blocks, launch, pack_weight, partials
 
 
 @triton.jit
@@ -103,8 +103,9 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, stride: 
                          f"do not fit kernel 4, stride {stride}, padding {padding}")
     if pro.aux is not None and pro.aux.stride() != x.stride():
         raise ValueError("conv2d: the prologue's aux tensor must share x's strides")
+    weight = pack_weight(weight, 1, dtype)             # [o, i, kh, kw] viewed; o contiguous
     flat = flat_k(CIN)
-    cfg = gemm_blocks(N * HO * WO, COUT, 16 * CIN if flat else CIN)
+    cfg = gemm_blocks(N * HO * WO, COUT, 16 * CIN if flat else CIN, dtype)
     grid = (cdiv(N * HO * WO, cfg["BLOCK_M"]), cdiv(COUT, cfg["BLOCK_N"]))
     part = partials(grid[0], COUT, atomic, x.device) if epi.needs_partials() else None
     launch(_conv_kernel)[grid](

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .operands import epilogue, load_operand, to_dot
-from .utils import Epilogue, Prologue, cdiv, dot_config, flat_k, gemm_blocks, launch, partials
+from .utils import Epilogue, Prologue, cdiv, dot_config, flat_k, gemm_blocks, launch, pack_weight, partials
 
 
 @triton.jit
@@ -136,9 +136,10 @@ def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *
                          f"out {tuple(out.shape)} do not fit kernel 4, stride {stride}, padding {padding}")
     if pro.aux is not None and pro.aux.stride() != x.stride():
         raise ValueError("conv_transpose2d: the prologue's aux tensor must share x's strides")
+    weight = pack_weight(weight, 0, dtype, cols_after_taps=not one_by_one)   # [i, o, kh, kw]; o contiguous
     flat = flat_k(CIN) and not one_by_one
     cols, phases = (16 * COUT, 1) if one_by_one else (COUT, 4)
-    cfg = gemm_blocks(N * H * W, cols, 4 * CIN if flat else CIN)
+    cfg = gemm_blocks(N * H * W, cols, 4 * CIN if flat else CIN, dtype)
     grid = (cdiv(N * H * W, cfg["BLOCK_M"]), cdiv(cols, cfg["BLOCK_N"]), phases)
     part = partials(grid[0] * 16 if one_by_one else grid[0] * phases, COUT, atomic, x.device) \
         if epi.needs_partials() else None

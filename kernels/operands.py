@@ -81,6 +81,7 @@ def to_dot(x, DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     wrongly (and truncates fp32 -> bf16 casts), so there the rounded value stays in fp32 and the
     dot runs in fp32: the products a tensor core forms exactly, summed in fp32."""
     if INTERPRET:
+        x = x.to(tl.float32)              # exact from a packed bf16/fp16 weight
         if DOT_DTYPE == tl.bfloat16:
             x = round_bf16(x)
         else:

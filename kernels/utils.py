@@ -53,27 +53,47 @@ def flat_k(channels: int) -> bool:
     return INTERPRET or channels < 16
 
 
-def gemm_blocks(m: int, n: int, k: int) -> dict:
+def gemm_blocks(m: int, n: int, k: int, dtype: torch.dtype) -> dict:
     """Tile sizes for an implicit GEMM with m rows, n columns and k per K step (channels, or
-    taps * channels with flat K).
+    taps * channels with flat K), operands in dtype.
 
     tl.dot needs every side >= 16. In the interpreter each program costs ~1 ms of Python, so
-    tiles are as large as the problem allows there.
+    tiles are as large as the problem allows there. On a GPU, K steps of 64 for 2-byte operands
+    and 32 for fp32 (tf32) keep the same bytes per stage: at 64, fp32 dgrad kernels need 258 KiB
+    of shared memory for 3 stages, over Hopper's 227 KiB (bench/sm90.py).
     """
     if INTERPRET:
         return dict(BLOCK_M=clamp_pow2(m, 16, 512), BLOCK_N=clamp_pow2(n, 16, 128),
                     BLOCK_K=clamp_pow2(k, 16, 512), num_warps=4, num_stages=1)
     bm = clamp_pow2(m, 16, 128)
     bn = clamp_pow2(n, 16, 128)
-    bk = clamp_pow2(k, 16, 64)
-    warps = 8 if bm * bn >= 128 * 128 else 4
+    bk = clamp_pow2(k, 16, 128 // dtype.itemsize)
+    # A 128x64 tile on 4 warps spills its prologue (bench/sm90.py: 255 registers and 24-160 bytes
+    # of stack); on 8 it builds in 150-210 registers, the same 8 warps per SM.
+    warps = 8 if bm * bn >= 128 * 64 else 4
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=3)
 
 
 def channels_last_empty(shape, dtype, device) -> torch.Tensor:
     """(N, C, H, W) with NHWC memory: the K (channel) dimension of the next GEMM is contiguous."""
-    n, c, h, w = shape
-    return torch.empty((n, h, w, c), dtype=dtype, device=device).permute(0, 3, 1, 2)
+    return torch.empty(shape, dtype=dtype, device=device, memory_format=torch.channels_last)
+
+
+def pack_weight(weight: torch.Tensor, k_dim: int, dtype: torch.dtype, cols_after_taps: bool = True) -> torch.Tensor:
+    """The weight [A, B, 4, 4] as a GEMM operand: one copy in the compute dtype with the column
+    dimension (1 - k_dim) contiguous, returned as a view with the original shape, so a kernel
+    indexes it through its strides as before.
+
+    A parameter's own layout ([out, in, kh, kw] or [in, out, kh, kw], fp32) puts 16 elements
+    between neighbouring K entries and CIN*16 between columns: every element of a B tile is a
+    separate 4-byte load and 64-bit address. Packed [kh, kw, K, cols] (or [K, kh, kw, cols] when
+    the columns run over (tap, channel): cols_after_taps=False), a tile row is one contiguous run
+    of the compute dtype, half the bytes for bf16 (bench/sm90.py shows the effect on the build).
+    The rounding is the one the kernel's to_dot applied to the fp32 weight before."""
+    cols = 1 - k_dim
+    order = (2, 3, k_dim, cols) if cols_after_taps else (k_dim, 2, 3, cols)
+    packed = weight.detach().permute(*order).to(dtype, memory_format=torch.contiguous_format)
+    return packed.permute(*[order.index(d) for d in range(4)])
 
 
 def empty_like_layout(t: torch.Tensor, dtype=None) -> torch.Tensor:
