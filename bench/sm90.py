@@ -117,17 +117,24 @@ class _TargetDriver:
 
 
 @contextlib.contextmanager
-def h100_driver():
+def h100():
+    """Kernels launched on CPU tensors choose as on an H100: Triton's driver reports its target,
+    and wgrad splits its rows for 132 SMs (on a CPU device it would not split them at all)."""
+    from fastgan.kernels import wgrad
     config = triton.runtime.driver
     previous = config._active            # None until first asked for; reset_active() would ask
+    programs = wgrad._target_programs
     config.set_active(_TargetDriver())
+    wgrad._target_programs = lambda device: 2 * H100_SMS
     try:
         yield
     finally:
         config._active = previous
+        wgrad._target_programs = programs
 
 
-def scenario(preset: str, batch: int, amp: str, mode: str, resolution: int, compile_backend: str = "") -> list:
+def scenario(preset: str, batch: int, amp: str, mode: str, resolution: int, compile_backend: str = "",
+             deterministic: bool = False) -> list:
     """The launches of one training iteration (recipe of the preset) or one sampling call.
 
     compile_backend="aot_eager": through torch.compile as on a GPU (the ops are triton_ops, the
@@ -135,8 +142,9 @@ def scenario(preset: str, batch: int, amp: str, mode: str, resolution: int, comp
     cfg = Config(recipe=preset, amp=amp, backend="triton", compile=bool(compile_backend))
     cfg.model.preset, cfg.model.resolution = preset, resolution
     G, D = build(cfg.model, "triton")
+    G.deterministic = D.deterministic = deterministic
     launches: list = []
-    where = f"{preset} {mode} b{batch} {amp}"
+    where = f"{preset} {mode} b{batch} {amp}" + (" deterministic" if deterministic else "")
     step = TrainStep(cfg, G, D, torch.device("cpu"), compile_backend=compile_backend or "inductor")
 
     def sample(z):
@@ -146,7 +154,7 @@ def scenario(preset: str, batch: int, amp: str, mode: str, resolution: int, comp
         torch._dynamo.reset()
         sample = torch.compile(sample, backend=compile_backend)
     z = torch.randn(step.num_noise, batch, G.noise_size)
-    with recording(where, launches), h100_driver():
+    with recording(where, launches), h100():
         if mode == "train":
             step.step(torch.randn(batch, cfg.model.channels, resolution, resolution), z)
         else:
@@ -309,6 +317,7 @@ def parse(argv):
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--compile", default="", choices=["", "aot_eager"],
                    help="record the launches of the step under torch.compile (aot_eager: tracing, no codegen)")
+    p.add_argument("--deterministic", action="store_true", help="the kernels without atomics (deterministic=true)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", help="also write the rows as JSON here")
     return p.parse_args(argv)
@@ -325,7 +334,8 @@ def main(argv=None) -> int:
         for mode in args.modes:
             for batch in args.batches or ([128] if mode == "train" else [1024]):
                 for amp in args.amps:
-                    launches += scenario(preset, batch, amp, mode, args.resolution, args.compile)
+                    launches += scenario(preset, batch, amp, mode, args.resolution, args.compile,
+                                         args.deterministic)
     built = build_all(launches, args.jobs)
     print(table(built))
     bad = [b for b in built if not b.ok]

@@ -37,7 +37,8 @@ def report(tmp_path_factory):
     # the train steps as the GPU runs them: through torch.compile (aot_eager traces the triton_ops
     # and wrap_triton calls as inductor would, short of its codegen)
     runs = [["--presets", "mmgen", "--amps", "bf16", "fp32", "--compile", "aot_eager"],
-            ["--presets", "pytorch_examples", "--amps", "bf16", "--modes", "train", "--compile", "aot_eager"]]
+            ["--presets", "pytorch_examples", "--amps", "bf16", "--modes", "train", "--compile", "aot_eager"],
+            ["--presets", "mmgen", "--amps", "bf16", "--modes", "train", "--deterministic"]]
     rows, logs = [], []
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     for args in runs:
@@ -68,7 +69,10 @@ def test_gemms_use_tensor_cores(report):
     gemms = [r for r in rows if r["kernel"] in ("conv", "convT", "wgrad")]
     assert {r["kernel"] for r in gemms} == {"conv", "convT", "wgrad"}
     assert {"mmgen train b128 bf16", "mmgen train b128 fp32", "mmgen sample b1024 bf16",
-            "pytorch_examples train b128 bf16"} <= {r["where"] for r in rows}
+            "pytorch_examples train b128 bf16", "mmgen train b128 bf16 deterministic"} <= {r["where"] for r in rows}
+    # both reductions of the split-K wgrad: fp32 atomics (default) and per-split partials
+    wgrad_atomic = {"atomic" in r["role"].split() for r in gemms if r["kernel"] == "wgrad"}
+    assert wgrad_atomic == {True, False}
     no_mma = [f"{r['where']} {r['kernel']} {r['role']} {r['blocks']}" for r in gemms if not (r["hgmma"] or r["hmma"])]
     assert not no_mma, "GEMMs on CUDA cores:\n" + "\n".join(no_mma)
     # Hopper's wgmma for every GEMM whose tile has >= 64 rows per warpgroup (a 16-row tile cannot)
