@@ -5,9 +5,13 @@
 #   bash bench/gpu_session.sh setup      # install fastgan (no deps) and print the environment
 #   bash bench/gpu_session.sh parity     # kernel parity suite on CUDA (fp32 IEEE, fp16, bf16, tf32,
 #                                        # inductor fullgraph) + the CUDA-graph step tests
-#   bash bench/gpu_session.sh bench      # bench/throughput.py, JSON into $OUT and bench/results/
+#   bash bench/gpu_session.sh bench [ARGS]  # bench/throughput.py --append ARGS: one table built up
+#                                        # over several calls in /tmp/fastgan-bench.json (kept while
+#                                        # the machine stays warm), copied to $OUT after each call
+#   bash bench/gpu_session.sh ops        # tests/test_bench_ops.py: each fused op against cuDNN
 #   bash bench/gpu_session.sh train      # a short real training run on synthetic faces, triton + graph
 #   bash bench/gpu_session.sh pack       # (on the CPU machine) DALI's wheels + deps -> .dali/part-*
+#   bash bench/gpu_session.sh keep       # (on the GPU) park the part carried in .dali in /tmp/dali-parts
 #   bash bench/gpu_session.sh dali       # (on the GPU) reassemble .dali/part-*, install, bench/loader.py
 #
 # Everything a stage writes goes to $OUT (the device tool brings it back). DALI and its dependencies
@@ -18,7 +22,8 @@
 set -euo pipefail
 OUT=${OUT:-/tmp/fastgan-out}
 mkdir -p "$OUT"
-stage=${1:?usage: bash bench/gpu_session.sh setup|parity|bench|train|pack|keep|dali}
+stage=${1:?usage: bash bench/gpu_session.sh setup|parity|bench|ops|train|pack|keep|dali}
+shift
 
 install() {
     python -c "import fastgan.kernels" 2>/dev/null ||
@@ -40,8 +45,17 @@ parity)
     ;;
 bench)
     install
-    date=$(date +%F)
-    python bench/throughput.py --out "$OUT/throughput-$date.json" 2>&1 | tee "$OUT/throughput.txt" | tail -60
+    table=/tmp/fastgan-bench.json
+    python bench/throughput.py --append --out "$table" "$@" 2>&1 | tee "$OUT/throughput.txt" | tail -60 || true
+    # bench/results/<device>-<date>.json, the name bench/results/README.md gives
+    name=$(python -c 'import json, sys; sys.path.insert(0, "bench"); from timing import slug
+d = json.load(open(sys.argv[1])); print(slug(d["device"]) + "-" + d["date"])' "$table")
+    cp "$table" "$OUT/$name.json"
+    ;;
+ops)
+    install
+    python -m pytest -q -rs tests/test_bench_ops.py -p no:cacheprovider --benchmark-group-by=group \
+        --benchmark-columns=median,iqr,rounds --benchmark-json="$OUT/ops.json" 2>&1 | tee "$OUT/ops.txt" | tail -60
     ;;
 train)
     install

@@ -17,9 +17,7 @@ On a CPU the defaults are toy sizes (a few minutes on 2 cores); on a GPU, CelebA
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,7 +33,8 @@ from fastgan.data.sources import list_folder
 from fastgan.data.torch_loader import decode_into
 from fastgan.models import build, resolve_backend
 from fastgan.step import TrainStep
-from timing import sync  # bench/timing.py (bench/ is sys.path[0] when run as a script)
+from report import write_json  # bench/*.py (bench/ is sys.path[0] when run as a script)
+from timing import device_name, sync
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -162,7 +161,7 @@ def bench_train(table, root, args, device):
 def main(argv=None):
     args = parse(argv if argv is not None else sys.argv[1:])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    gpu = device_name(device)
     if args.data:
         root = Path(args.data).expanduser()
     else:
@@ -184,11 +183,9 @@ def main(argv=None):
         bench_train(table, root, args, device)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or ROOT / "bench/results" / f"loader-{'gpu' if device.type == 'cuda' else 'cpu'}-{stamp}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": stamp, "device": gpu, "cpu_cores": os.cpu_count(), "torch": torch.__version__,
-                               "dali": dali.available(), "images": len(paths), "bytes_per_image": round(size),
-                               "settings": {k: v for k, v in vars(args).items() if k != "skip"},
-                               "rows": table.rows}, indent=2) + "\n")
+    write_json(out, {"date": stamp, "device": gpu, "cpu_cores": os.cpu_count(), "torch": torch.__version__,
+                     "dali": dali.available(), "images": len(paths), "bytes_per_image": round(size),
+                     "settings": {k: v for k, v in vars(args).items() if k != "skip"}, "rows": table.rows})
     print(f"\nwrote {out}")
 
 

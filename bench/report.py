@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fastgan.checkpoint import atomic_write
+
 COLUMNS = [("variant", "variant", "{}"), ("preset", "preset", "{}"), ("batch", "batch", "{}"), ("mode", "mode", "{}"),
            ("img_per_s", "img/s", "{:,.1f}"), ("img_per_s_min", "min", "{:,.1f}"), ("img_per_s_max", "max", "{:,.1f}"),
            ("ms_per_iter", "ms/iter", "{:.3f}"), ("mfu", "MFU", "{:.1%}"), ("speedup_vs_eager", "vs eager", "{:.2f}x"),
@@ -52,10 +54,8 @@ def targets(rows) -> list[dict]:
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)   # a killed run leaves no half-written file
+    """A killed run leaves the old file or the new one, never half of one."""
+    atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
 
 
 def key(row) -> tuple:

@@ -15,8 +15,9 @@ the ptxas that ships in Triton's wheel, and read back with its cuobjdump:
     python bench/sm90.py --compile aot_eager                # the launches as torch.compile traces them
 
 Exit status 1 if a kernel fails to build or exceeds the shared-memory limit (a launch on the GPU
-would fail with "out of resources"). This is the build triton 3.9 makes here; the device image's
-triton 3.6 may allocate differently, so the GPU run (bench/gpu_session.sh) has the last word.
+would fail with "out of resources"). Exit status 2 if this triton wheel has no ptxas/cuobjdump to build with.
+This is the build this machine's triton makes; the device image's may allocate differently, so
+the GPU run (bench/gpu_session.sh) has the last word.
 """
 
 from __future__ import annotations
@@ -44,17 +45,21 @@ from triton.runtime import jit as triton_jit  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastgan.config import Config  # noqa: E402
-from fastgan.models import build  # noqa: E402
+from fastgan.models import PRESETS, build  # noqa: E402
 from fastgan.step import TrainStep  # noqa: E402
 
 H100_SMS = 132
 SMEM_LIMIT = 232448            # bytes: cudaDevAttrMaxSharedMemoryPerBlockOptin on sm_90 (227 KiB)
 SMEM_PER_SM = 233472           # 228 KiB per SM, 1 KiB of it reserved per resident block
 REGS_PER_SM = 65536
-PRESETS = ("mmgen", "pytorch_examples")    # each trained with its own recipe
 SHORT = {"_conv_kernel": "conv", "_conv_transpose_kernel": "convT", "_wgrad_kernel": "wgrad",
          "_channel_sum_kernel": "chansum", "_bn_stats_kernel": "bn_stats", "_bn_grad_kernel": "bn_grad"}
 PRO_NAMES = {0: "-", 1: "act", 2: "bn+act", 3: "dtanh", 4: "dBN"}
+
+
+def h100_target():
+    from triton.backends.compiler import GPUTarget
+    return GPUTarget("cuda", 90, 32)
 
 
 @dataclass
@@ -112,8 +117,7 @@ class _TargetDriver:
     (the target, to build TTIR and see which tensors a kernel writes) is the H100's."""
 
     def get_current_target(self):
-        from triton.backends.compiler import GPUTarget
-        return GPUTarget("cuda", 90, 32)
+        return h100_target()
 
 
 @contextlib.contextmanager
@@ -228,18 +232,16 @@ def _resources(cubin: bytes) -> tuple[int, int, int, int]:
     return regs, stack, len(re.findall(r"\bHGMMA\.", sass)), len(re.findall(r"\bHMMA\.", sass))
 
 
-def build_one(launch: Launch) -> Built:
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
+def build_one(launch: Launch, spec: tuple) -> Built:
+    """Compile one launch, specialised as _specialise(launch) gave `spec`, and read it back."""
+    from triton.compiler import ASTSource
     role, blocks = _describe(launch)
-    options, signature, constexprs, attrs = _specialise(launch, backend)
+    options, signature, constexprs, attrs = spec
     out = Built(SHORT.get(launch.fn.__name__, launch.fn.__name__), role, blocks, options.num_warps,
                 options.num_stages, math.prod(launch.grid), where=launch.where)
     t0 = time.perf_counter()
     try:
-        ck = triton.compile(ASTSource(launch.fn, signature, constexprs, attrs), target=target,
+        ck = triton.compile(ASTSource(launch.fn, signature, constexprs, attrs), target=h100_target(),
                             options=options.__dict__)
         out.smem = ck.metadata.shared
         out.regs, out.stack, out.hgmma, out.hmma = _resources(ck.asm["cubin"])
@@ -255,28 +257,28 @@ def build_one(launch: Launch) -> Built:
     return out
 
 
-def _key(launch: Launch, backend) -> str:
-    options, signature, constexprs, attrs = _specialise(launch, backend)
+def _key(launch: Launch, spec: tuple) -> str:
+    options, signature, constexprs, attrs = spec
     return f"{launch.fn.__name__}|{sorted(signature.items())}|{constexprs}|{attrs}|{options.num_warps}|{options.num_stages}"
 
 
-_POOL_LAUNCHES: list = []
+_POOL: list = []                # (launch, spec) per distinct kernel; forked workers index it
 
 
 def _build_index(i: int) -> Built:
-    return build_one(_POOL_LAUNCHES[i])
+    return build_one(*_POOL[i])
 
 
 def build_all(launches: list, jobs: int) -> list:
     """One Built per distinct specialisation, in first-launch order."""
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
-    backend = make_backend(GPUTarget("cuda", 90, 32))
+    backend = make_backend(h100_target())
     unique: dict = {}
     for launch in launches:
-        unique.setdefault(_key(launch, backend), launch)
-    _POOL_LAUNCHES[:] = list(unique.values())
-    n = len(_POOL_LAUNCHES)
+        spec = _specialise(launch, backend)
+        unique.setdefault(_key(launch, spec), (launch, spec))
+    _POOL[:] = list(unique.values())
+    n = len(_POOL)
     print(f"building {n} distinct kernels ({len(launches)} launches) for sm_90 with {jobs} jobs",
           file=sys.stderr, flush=True)
     if jobs <= 1:
@@ -309,7 +311,7 @@ def table(built: list) -> str:
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--presets", nargs="+", default=["mmgen"], choices=PRESETS)
+    p.add_argument("--presets", nargs="+", default=["mmgen"], choices=list(PRESETS))
     p.add_argument("--batches", nargs="+", type=int, default=None,
                    help="batch sizes (default: 128 for train, 1024 for sample)")
     p.add_argument("--amps", nargs="+", default=["bf16"], choices=["bf16", "fp32"])
@@ -346,6 +348,7 @@ def main(argv=None) -> int:
           f"triton {triton.__version__}", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"triton": triton.__version__, "target": "cuda sm_90",
+                                              "smem_limit": SMEM_LIMIT,
                                               "rows": [asdict(b) for b in built]}, indent=1))
     return 1 if bad else 0
 

@@ -103,7 +103,7 @@ class _DCGAN(nn.Module):
     """What G and D share: the preset, the widths per stage, the attributes the training loop and
     the fused backend read, and running blocks() in either backend."""
 
-    def __init__(self, preset, resolution, channels, base_channels, backend):
+    def __init__(self, preset, resolution, channels, backend):
         super().__init__()
         _check(channels, backend)
         self.preset, self.resolution, self.channels, self.backend = preset, resolution, channels, backend
@@ -119,19 +119,24 @@ class _DCGAN(nn.Module):
         raise NotImplementedError
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "triton":
-            from fastgan import fused
-            return fused.forward(self, x)
-        for blk in self.blocks():
-            x = blk(x)
-        return x.flatten(1) if x.shape[2:] == (1, 1) else x
+        return run_blocks(self, x)
+
+
+def run_blocks(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """net.blocks() on net.backend; a 1x1 output (D's logits) comes back as (N, C)."""
+    if net.backend == "triton":
+        from fastgan import fused
+        return fused.forward(net, x)
+    for blk in net.blocks():
+        x = blk(x)
+    return x.flatten(1) if x.shape[2:] == (1, 1) else x
 
 
 class Generator(_DCGAN):
     """z (N, noise_size) or (N, noise_size, 1, 1) -> images (N, channels, R, R) in [-1, 1]."""
 
     def __init__(self, preset="mmgen", resolution=64, channels=3, base_channels=None, backend="torch"):
-        super().__init__(preset, resolution, channels, base_channels, backend)
+        super().__init__(preset, resolution, channels, backend)
         p, widths = self._plan(base_channels)
         widths = widths[::-1]                                              # 4x4 ... R/2
         self.noise_size = p.noise_size
@@ -162,7 +167,7 @@ class Discriminator(_DCGAN):
     """images (N, channels, R, R) -> logits (N, 1)."""
 
     def __init__(self, preset="mmgen", resolution=64, channels=3, base_channels=None, backend="torch"):
-        super().__init__(preset, resolution, channels, base_channels, backend)
+        super().__init__(preset, resolution, channels, backend)
         p, widths = self._plan(base_channels)                              # R/2 ... 4x4
         self.img2feat = ConvModule(channels, widths[0], transposed=False, stride=2, padding=1,
                                    bias=p.out_bias, norm=False, act="leaky_relu", slope=p.d_slope)

@@ -35,6 +35,8 @@ import math
 import torch
 from torch import nn
 
+from fastgan.models import run_blocks
+
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
 # Kernels run where Triton runs: CUDA when there is a GPU, else CPU tensors through the
@@ -72,12 +74,7 @@ class Chain(nn.Module):
         return list(self.layers)
 
     def forward(self, x):
-        if self.backend == "triton":
-            from fastgan import fused
-            return fused.forward(self, x)
-        for blk in self.layers:
-            x = blk(x)
-        return x.flatten(1) if x.shape[2:] == (1, 1) else x
+        return run_blocks(self, x)
 
 
 def randomize(module: nn.Module, gen: torch.Generator) -> None:

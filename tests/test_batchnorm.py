@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgan.kernels.batchnorm import bn_grad, bn_stats
-from parity import DEVICE, TOL, assert_close, generator
+from parity import TOL, assert_close, generator
 
 pytestmark = pytest.mark.usefixtures("on_device")
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgan.kernels.conv import conv2d, conv_out_size
-from fastgan.kernels.utils import (ACT_LEAKY, ACT_RELU, PRO_ACT, PRO_NONE, PRO_NORM_ACT, Epilogue, Prologue,
+from fastgan.kernels.utils import (ACT_LEAKY, ACT_RELU, PRO_ACT, PRO_NORM_ACT, Epilogue, Prologue,
                                    channels_last_empty)
 from fastgan.models import ConvModule
 from parity import DEVICE, TOL, assert_close, check_chain, check_layer_op, generator

@@ -118,8 +118,13 @@ def test_tf32(monkeypatch):
     with torch.no_grad():
         want = G(z)
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-        assert_close(fused(z), want, TOL[torch.float16], "fused tf32 output")
+        got = fused(z)
+        assert_close(got, want, TOL[torch.float16], "fused tf32 output")
         assert_close(G(z), want, TOL[torch.float16], "torch tf32 output")
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        ieee = fused(z)
+    # and tf32 was really used: IEEE fp32 kernels agree with the reference far more closely
+    assert rel_err(got, ieee) > 10 * rel_err(ieee, want), "allow_tf32 did not change the fused GEMMs"
 
 
 def test_fifty_iterations_converge_alike(tmp_path):

@@ -18,21 +18,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SMEM_LIMIT = 232448
-
-
-def _ptxas_missing() -> str:
-    import triton
-    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    missing = [n for n in ("ptxas", "cuobjdump") if not os.access(bin_dir / n, os.X_OK)]
-    return ", ".join(missing)
-
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    missing = _ptxas_missing()
-    if missing:
-        pytest.skip(f"this triton wheel has no {missing}: cannot build for sm_90")
     out = tmp_path_factory.mktemp("sm90") / "build.json"
     # the train steps as the GPU runs them: through torch.compile (aot_eager traces the triton_ops
     # and wrap_triton calls as inductor would, short of its codegen)
@@ -45,8 +33,11 @@ def report(tmp_path_factory):
         proc = subprocess.run([sys.executable, str(ROOT / "bench" / "sm90.py"), *args, "--out", str(out)],
                               capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)
         logs.append(proc.stdout + proc.stderr[-3000:])
+        if proc.returncode == 2:            # bench/sm90.py: no ptxas/cuobjdump in this triton wheel
+            pytest.skip(proc.stderr.strip().splitlines()[-1])
         assert out.exists(), f"bench/sm90.py wrote no report (exit {proc.returncode}):\n{logs[-1]}"
-        rows += json.loads(out.read_text())["rows"]
+        built = json.loads(out.read_text())
+        rows += [dict(r, smem_limit=built["smem_limit"]) for r in built["rows"]]
         out.unlink()
     return rows, "\n".join(logs)
 
@@ -60,7 +51,7 @@ def test_every_kernel_builds_for_sm90(report):
 def test_shared_memory_fits_hopper(report):
     rows, log = report
     over = [f"{r['where']} {r['kernel']} {r['role']} {r['blocks']}: {r['smem']} bytes" for r in rows
-            if r["smem"] > SMEM_LIMIT]
+            if r["smem"] > r["smem_limit"]]
     assert not over, "\n".join(over)
 
 

@@ -109,7 +109,7 @@ class ArrayLoader(Loader):
                 if store == self.device:
                     batch = self.images.index_select(0, idx[j * B:(j + 1) * B])
                 else:   # host cache feeding a GPU: gather straight into pinned memory, copy async
-                    batch = torch.empty((B,) + self.images.shape[1:], dtype=torch.uint8, pin_memory=True)
+                    batch = torch.empty((B,) + self.images.shape[1:], dtype=torch.uint8, device="cpu", pin_memory=True)
                     torch.index_select(self.images, 0, idx[j * B:(j + 1) * B], out=batch)
                     batch = batch.to(self.device, non_blocking=True)
                 if flips is not None:
