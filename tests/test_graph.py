@@ -163,6 +163,8 @@ def _ddp_worker(rank: int, world: int, init: str, seed: int) -> None:
             n = mine.numel() - 3
             assert torch.equal(every[0][:n], every[1][:n]), "parameters differ across ranks"
             assert not torch.equal(every[0][n:], every[1][n:]), "ranks saw the same data"
+            del ddp, flat              # DDP's reducer goes before its process group does
+        dist.barrier()                 # neither rank tears gloo down while the other still uses it
     finally:
         dist.destroy_process_group()
 
