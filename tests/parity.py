@@ -111,17 +111,24 @@ def check_module(ref: nn.Module, x: torch.Tensor, dtype: torch.dtype, seed: int)
     the updated statistics, which must change nothing.
 
     fp32 is judged against an fp64 copy of the reference (see `compare`); half precision against
-    the fp32 reference."""
+    the fp32 reference, within tol or 2x the error torch's own autocast makes there."""
     gen = generator(seed)
     randomize(ref, gen)
     fused = copy.deepcopy(ref)
     fused.backend, fused.deterministic = "triton", True
     exact = copy.deepcopy(ref).double()
+    half = copy.deepcopy(ref) if dtype != torch.float32 else None     # torch under autocast(dtype)
     tol = TOL[dtype]
 
-    def compare(actual, ref32, ref64, what):
+    def compare(actual, ref32, ref64, what, ref_half=None):
         if dtype != torch.float32:
-            return assert_close(actual, ref32, tol, what)
+            # A D logit sums thousands of rounded terms and can cancel to far below them (one
+            # draw in ~12 at width 6): torch's own autocast then misses by as much.
+            own = rel_err(ref_half, ref32) if ref_half is not None else 0.0
+            err = rel_err(actual, ref32)
+            assert err <= max(tol, 2 * own), f"{what}: relative error {err:.3e} > max({tol:.0e}, 2 x torch's {own:.1e})"
+            assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+            return
         # A tensor of few elements that sums many terms of both signs (a bias grad over 2*64*64
         # positions, a decision logit at batch 1) can cancel to far below its terms; fp32 rounding
         # is relative to the terms, so no bound relative to the result holds for every draw. Both
@@ -136,8 +143,9 @@ def check_module(ref: nn.Module, x: torch.Tensor, dtype: torch.dtype, seed: int)
     out_ref, out_exact = ref(x_ref), exact(x_exact)
     with autocast(dtype):
         out_fused = fused(x_fused)
+        out_half = half(x.clone()) if half is not None else None
     assert out_fused.dtype == dtype, f"output dtype {out_fused.dtype}, expected {dtype}"
-    compare(out_fused, out_ref, out_exact, "output")
+    compare(out_fused, out_ref, out_exact, "output", out_half)
     if dtype == torch.float32:
         g = torch.randn(out_ref.shape, generator=gen)
         (out_ref * g).sum().backward()
@@ -147,20 +155,23 @@ def check_module(ref: nn.Module, x: torch.Tensor, dtype: torch.dtype, seed: int)
         for (name, p_ref), (_, p_fused), p_exact in zip(ref.named_parameters(), fused.named_parameters(),
                                                          exact.parameters()):
             compare(p_fused.grad, p_ref.grad, p_exact.grad, f"grad of {name}")
-    for (name, b_ref), (_, b_fused), b_exact in zip(ref.named_buffers(), fused.named_buffers(), exact.buffers()):
+    for (name, b_ref), (_, b_fused), b_exact, b_half in zip(ref.named_buffers(), fused.named_buffers(),
+                                                            exact.buffers(), (half if half is not None else ref).buffers()):
         if name.endswith("num_batches_tracked"):
             assert torch.equal(b_fused, b_ref), f"{name}: {b_fused} != {b_ref}"
         else:
-            compare(b_fused, b_ref, b_exact, name)
+            compare(b_fused, b_ref, b_exact, name, b_half if half is not None else None)
 
-    for net in (ref, fused, exact):
-        net.eval()
+    for net in (ref, fused, exact, half):
+        if net is not None:
+            net.eval()
     before = {k: v.clone() for k, v in fused.state_dict().items()}
     with torch.no_grad(), autocast(dtype):
         out_fused = fused(x)
+        out_half = half(x) if half is not None else None
     with torch.no_grad():
         out_ref, out_exact = ref(x), exact(x.double())
-    compare(out_fused, out_ref, out_exact, "eval output")
+    compare(out_fused, out_ref, out_exact, "eval output", out_half)
     for k, v in fused.state_dict().items():
         assert torch.equal(v, before[k]), f"eval mode changed {k}"
 
