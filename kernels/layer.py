@@ -20,6 +20,11 @@ Backward (fastgan::conv_layer_backward), with g = dL/dy from the layer above:
 
 Both ops live here rather than in conv.py / conv_transpose.py because each direction's backward
 is the other's GEMM (the dgrad of a conv-transpose is a conv and vice versa).
+
+Arguments are defined once, by each op's signature: tensors first and positional (autograd hands
+them to setup_context as `inputs` and wants one gradient for each), then, after the `*`, options
+that every call must pass by name. setup_context, backward and the fakes look arguments up by name
+(utils.tensor_args), so adding one means editing the signature and the code that uses it.
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ def _input_prologue(in_mean, in_invstd, in_gamma, in_beta, in_act: Optional[str]
     return Prologue()
 
 
-def _flat(v: Optional[Tensor]) -> Optional[Tensor]:
+def _vector(v: Optional[Tensor]) -> Optional[Tensor]:
     """A per-channel vector as the kernels index it, ptr + c: contiguous. (The gradient of a sum
     of mean or invstd arrives expanded, with stride 0; read as ptr + c it was other memory.)"""
     return v.contiguous() if v is not None else None
@@ -91,7 +96,7 @@ def conv_layer(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_mean: Optio
     "leaky_relu" with `slope`), applied after in_mean..in_beta when they are given."""
     x = dense(x)
     bias, in_mean, in_invstd, in_gamma, in_beta, running_mean, running_var = map(
-        _flat, (bias, in_mean, in_invstd, in_gamma, in_beta, running_mean, running_var))
+        _vector, (bias, in_mean, in_invstd, in_gamma, in_beta, running_mean, running_var))
     shape = _out_shape(x, weight, transposed=transposed, stride=stride, padding=padding)
     y = channels_last_empty(shape, dtype, x.device)
     gemm = conv_transpose2d if transposed else conv2d
@@ -130,7 +135,7 @@ def conv_layer_backward(grad_y: Tensor, grad_mean: Optional[Tensor], grad_invstd
     forward's outputs y, mean and invstd; the other arguments are the forward's."""
     x = dense(x)
     grad_mean, grad_invstd, in_mean, in_invstd, in_gamma, in_beta = map(
-        _flat, (grad_mean, grad_invstd, in_mean, in_invstd, in_gamma, in_beta))
+        _vector, (grad_mean, grad_invstd, in_mean, in_invstd, in_gamma, in_beta))
     if stats:
         if grad_mean is None or grad_invstd is None:
             zeros = torch.zeros_like(mean)
