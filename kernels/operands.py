@@ -173,7 +173,7 @@ def epilogue(acc, out_ptr, offs, mask, chan, cmask, e0, e1, e2, e3, e4, part_ptr
              eslope, DACT: tl.constexpr, HAS_BIAS: tl.constexpr, TANH: tl.constexpr,
              STATS: tl.constexpr, EPRO: tl.constexpr, EACT: tl.constexpr, ATOMIC: tl.constexpr,
              INTERPRET: tl.constexpr):
-    """e0..e4 (utils.Epilogue.args): (ex, mean, invstd, gamma, beta) with DACT, else
+    """e0..e4 (fusion.Epilogue.args): (ex, mean, invstd, gamma, beta) with DACT, else
     (unused, bias, shift, unused, unused)."""
     if DACT:
         epilogue_dact(acc, out_ptr, e0, offs, mask, chan, cmask, e1, e2, e3, e4, part_ptr, part_row,
