@@ -45,6 +45,7 @@ from triton.runtime import jit as triton_jit  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastgan.config import Config  # noqa: E402
+from fastgan.kernels.fusion import PRO_ACT, PRO_DY_STATS, PRO_DY_TANH, PRO_NONE, PRO_NORM_ACT  # noqa: E402
 from fastgan.models import PRESETS, build  # noqa: E402
 from fastgan.step import TrainStep  # noqa: E402
 
@@ -54,7 +55,8 @@ SMEM_PER_SM = 233472           # 228 KiB per SM, 1 KiB of it reserved per reside
 REGS_PER_SM = 65536
 SHORT = {"_conv_kernel": "conv", "_conv_transpose_kernel": "convT", "_wgrad_kernel": "wgrad",
          "_channel_sum_kernel": "chansum", "_bn_stats_kernel": "bn_stats", "_bn_grad_kernel": "bn_grad"}
-PRO_NAMES = {0: "-", 1: "act", 2: "bn+act", 3: "dtanh", 4: "dBN"}
+PRO_NAMES = {k.value: name for k, name in [(PRO_NONE, "-"), (PRO_ACT, "act"), (PRO_NORM_ACT, "bn+act"),
+                                           (PRO_DY_TANH, "dtanh"), (PRO_DY_STATS, "dBN")]}
 
 
 def h100_target():
@@ -210,7 +212,7 @@ def _describe(launch: Launch) -> tuple[str, str]:
         if k.get(name):
             role.append(f"{name.lower()}:{PRO_NAMES[k[name]]}")
     if k.get("DACT"):
-        role.append(f"dact:{PRO_NAMES[k.get('EPRO', 0)]}")
+        role.append(f"dact:{PRO_NAMES[k.get('EPRO', PRO_NONE.value)]}")
     for flag in ("STATS", "TANH", "HAS_BIAS", "ONE_BY_ONE", "FLAT_K", "FLAT", "ATOMIC"):
         if k.get(flag):
             role.append(flag.lower())

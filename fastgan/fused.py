@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastgan.kernels import layer  # noqa: F401  (registers torch.ops.fastgan.*)
-from fastgan.kernels.utils import ACTS, DTYPES
+from fastgan.kernels.layer import NORM  # (importing layer registers torch.ops.fastgan.*)
+from fastgan.kernels.utils import DTYPES
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -31,7 +31,7 @@ def forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Run net.blocks() (ConvModules) through the fused layer op."""
     dtype = compute_dtype(x)
     allow_tf32 = x.device.type == "cuda" and torch.backends.cudnn.allow_tf32
-    norm = (None, None, None, None)      # the previous layer's BN, applied in this layer's prologue
+    norm = dict.fromkeys(NORM)           # the previous layer's BN, applied in this layer's prologue
     act, slope = None, 0.0               # the previous layer's activation, likewise
     buffers, updates, counters = [], [], []
     blocks = net.blocks()
@@ -44,17 +44,19 @@ def forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if track and bn.momentum is None:
             raise NotImplementedError("BatchNorm with momentum=None (cumulative average) is not fused")
         y, mean, invstd, new_rm, new_rv = torch.ops.fastgan.conv_layer(
-            x, conv.weight, conv.bias, *norm,
-            bn.running_mean if track else None, bn.running_var if track else None,
-            blk.transposed, blk.stride, blk.padding, ACTS[act], slope,
-            batch_stats, blk.act == "tanh", bn.momentum if track else 0.0, bn.eps if bn is not None else 0.0,
-            net.deterministic, dtype, allow_tf32)
+            x, conv.weight, conv.bias, **norm,
+            running_mean=bn.running_mean if track else None, running_var=bn.running_var if track else None,
+            transposed=blk.transposed, stride=blk.stride, padding=blk.padding, in_act=act, slope=slope,
+            stats=batch_stats, tanh=blk.act == "tanh", momentum=bn.momentum if track else 0.0,
+            eps=bn.eps if bn is not None else 0.0, deterministic=net.deterministic, dtype=dtype,
+            allow_tf32=allow_tf32)
         if bn is None:
-            norm = (None, None, None, None)
+            norm = dict.fromkeys(NORM)
         elif batch_stats:
-            norm = (mean, invstd, bn.weight, bn.bias)
+            norm = dict(in_mean=mean, in_invstd=invstd, in_gamma=bn.weight, in_beta=bn.bias)
         else:
-            norm = (bn.running_mean, torch.rsqrt(bn.running_var + bn.eps), bn.weight, bn.bias)
+            norm = dict(in_mean=bn.running_mean, in_invstd=torch.rsqrt(bn.running_var + bn.eps),
+                        in_gamma=bn.weight, in_beta=bn.bias)
         if track:
             buffers += [bn.running_mean, bn.running_var]
             updates += [new_rm, new_rv]

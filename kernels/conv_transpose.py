@@ -17,8 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .fusion import Epilogue, Prologue, partials
 from .operands import epilogue, load_operand, to_dot
-from .utils import Epilogue, Prologue, cdiv, dot_config, flat_k, gemm_blocks, launch, pack_weight, partials
+from .utils import cdiv, dot_config, flat_k, gemm_blocks, launch, pack_weight
 
 
 @triton.jit

@@ -1,17 +1,9 @@
 """@triton.jit helpers shared by the GEMM kernels: activations and operand prologues.
 
 A GEMM operand tile is always [rows, channels]. While it is loaded, a prologue turns the stored
-tensor into the value the GEMM needs, so that value is never written to memory:
-
-  PRO_NONE      a = x
-  PRO_ACT       a = act(x)                                   (a bias-only layer before: D.img2feat)
-  PRO_NORM_ACT  a = act((x - mean) * invstd * gamma + beta)  (train BN: batch stats; eval: running)
-  PRO_DY_TANH   a = g * (1 - y^2)                            (backward through bias + tanh)
-  PRO_DY_STATS  a = g + dmean/M - dinvstd * invstd^3 / M * (y - mean)
-                                                             (backward through the batch statistics)
-
-The last two are the backward of the forward epilogues: g is the incoming gradient of the layer's
-output y, and BN backward is affine in (g, y) per channel, so dL/dy is formed on load too.
+tensor into the value the GEMM needs, so that value is never written to memory. The kinds, and
+the math of each, are named in fusion.py. PRO_DY_TANH and PRO_DY_STATS are the backward of the
+forward epilogues: BN backward is affine in (g, y) per channel, so dL/dy is formed on load too.
 Padding positions (mask False) are zero after the prologue, as zero padding of the operand is.
 
 Vectors v0..v3 are fp32 per-channel: (mean, invstd, gamma, beta) for PRO_NORM_ACT and
@@ -21,12 +13,14 @@ Vectors v0..v3 are fp32 per-channel: (mean, invstd, gamma, beta) for PRO_NORM_AC
 import triton
 import triton.language as tl
 
+from .fusion import ACT_LEAKY, ACT_RELU, PRO_ACT, PRO_DY_STATS, PRO_DY_TANH, PRO_NONE, PRO_NORM_ACT
+
 
 @triton.jit
 def act_fwd(z, ACT: tl.constexpr, slope):
-    if ACT == 1:
+    if ACT == ACT_RELU:
         z = tl.maximum(z, 0.0)
-    elif ACT == 2:
+    elif ACT == ACT_LEAKY:
         z = tl.where(z > 0, z, z * slope)
     return z
 
@@ -35,9 +29,9 @@ def act_fwd(z, ACT: tl.constexpr, slope):
 def act_grad(z, ACT: tl.constexpr, slope):
     """d act / dz, with torch's convention at z == 0 (relu: 0, leaky: slope)."""
     d = tl.full(z.shape, 1.0, tl.float32)
-    if ACT == 1:
+    if ACT == ACT_RELU:
         d = tl.where(z > 0, d, 0.0)
-    elif ACT == 2:
+    elif ACT == ACT_LEAKY:
         d = tl.where(z > 0, d, slope)
     return d
 
@@ -47,17 +41,17 @@ def load_operand(ptr, aux_ptr, offs, mask, chan, cmask, v0, v1, v2, v3, inv_coun
                  PRO: tl.constexpr, ACT: tl.constexpr):
     """Tile at ptr + offs ([rows, channels]) in fp32 with the prologue applied; 0 where ~mask."""
     x = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if PRO == 1:
+    if PRO == PRO_ACT:
         x = act_fwd(x, ACT, slope)
-    elif PRO == 2:
+    elif PRO == PRO_NORM_ACT:
         m = tl.load(v0 + chan, mask=cmask, other=0.0)
         s = tl.load(v1 + chan, mask=cmask, other=0.0) * tl.load(v2 + chan, mask=cmask, other=0.0)
         b = tl.load(v3 + chan, mask=cmask, other=0.0)
         x = act_fwd((x - m[None, :]) * s[None, :] + b[None, :], ACT, slope)
-    elif PRO == 3:
+    elif PRO == PRO_DY_TANH:
         y = tl.load(aux_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         x = x * (1.0 - y * y)
-    elif PRO == 4:
+    elif PRO == PRO_DY_STATS:
         y = tl.load(aux_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         m = tl.load(v0 + chan, mask=cmask, other=0.0)
         i = tl.load(v1 + chan, mask=cmask, other=0.0)
@@ -156,11 +150,11 @@ def epilogue_dact(acc, gx_ptr, x_ptr, offs, mask, chan, cmask, v0, v1, v2, v3, p
     forward applied to x). Recomputes z from the stored x, forms dz = acc * act'(z), stores
     dL/dx = dz * gamma * invstd (or dz without norm) and, for a BN prologue, adds per channel
     S1 = sum dz and S2 = sum dz * (x - mean): the reductions BN backward needs."""
-    if PRO == 0:
+    if PRO == PRO_NONE:
         tl.store(gx_ptr + offs, to_store(acc, gx_ptr, INTERPRET), mask=mask)
     else:
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if PRO == 1:
+        if PRO == PRO_ACT:
             dz = acc * act_grad(x, ACT, slope)
             tl.store(gx_ptr + offs, to_store(dz, gx_ptr, INTERPRET), mask=mask)
         else:
@@ -179,7 +173,7 @@ def epilogue(acc, out_ptr, offs, mask, chan, cmask, e0, e1, e2, e3, e4, part_ptr
              eslope, DACT: tl.constexpr, HAS_BIAS: tl.constexpr, TANH: tl.constexpr,
              STATS: tl.constexpr, EPRO: tl.constexpr, EACT: tl.constexpr, ATOMIC: tl.constexpr,
              INTERPRET: tl.constexpr):
-    """e0..e4 (utils.Epilogue.args): (ex, mean, invstd, gamma, beta) with DACT, else
+    """e0..e4 (fusion.Epilogue.args): (ex, mean, invstd, gamma, beta) with DACT, else
     (unused, bias, shift, unused, unused)."""
     if DACT:
         epilogue_dact(acc, out_ptr, e0, offs, mask, chan, cmask, e1, e2, e3, e4, part_ptr, part_row,

@@ -10,18 +10,13 @@ Kernels are written once for two worlds:
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
 import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-# Prologue modes: how a GEMM operand is transformed while it is loaded (see operands.py).
-PRO_NONE, PRO_ACT, PRO_NORM_ACT, PRO_DY_TANH, PRO_DY_STATS = 0, 1, 2, 3, 4
-# Activations.
-ACT_NONE, ACT_RELU, ACT_LEAKY = 0, 1, 2
-ACTS = {None: ACT_NONE, "relu": ACT_RELU, "leaky_relu": ACT_LEAKY}
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -127,11 +122,19 @@ def launch(kernel):
 
 
 def register_op(name: str, fake):
-    """Decorator: a functional torch.library op (triton_op on GPU, custom_op + fake when interpreted)."""
+    """Decorator: a functional torch.library op (triton_op on GPU, custom_op + fake when interpreted)
+    whose schema is the function's signature. Tensors come first: autograd differentiates only
+    those. Every other argument must be keyword-only (after a `*`), so that no call can pass two
+    options in each other's place. `fake` is called with every argument by name."""
     def wrap(fn):
+        signature = inspect.signature(fn)
+        loose = [p.name for p in signature.parameters.values()
+                 if p.kind is not p.KEYWORD_ONLY and "Tensor" not in str(p.annotation)]
+        if loose:
+            raise TypeError(f"{name}: {loose} must be keyword-only arguments (after the `*`)")
         if INTERPRET:
             op = torch.library.custom_op(name, mutates_args=())(fn)
-            op.register_fake(fake)
+            op.register_fake(lambda *args, **kwargs: fake(**signature.bind(*args, **kwargs).arguments))
         else:
             from torch.library import triton_op
             op = triton_op(name, mutates_args=())(fn)
@@ -139,62 +142,19 @@ def register_op(name: str, fake):
     return wrap
 
 
+def tensor_args(op) -> tuple:
+    """The names of an op's tensor (positional) arguments in schema order: the order of autograd's
+    `inputs` and `needs_input_grad`, and of the gradients a backward returns."""
+    return tuple(a.name for a in op.default._schema.arguments if not a.kwarg_only)
+
+
+def option_args(op) -> tuple:
+    """The names of an op's keyword-only arguments."""
+    return tuple(a.name for a in op.default._schema.arguments if a.kwarg_only)
+
+
 def cdiv(a: int, b: int) -> int:
     return triton.cdiv(a, b)
-
-
-# ---------------------------------------------------------------------------------------------
-# What a GEMM launch fuses around itself (see operands.py for the math).
-
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Optional  # noqa: E402
-
-
-@dataclass
-class Prologue:
-    """Applied to the GEMM's input operand as it is loaded."""
-    mode: int = PRO_NONE
-    act: int = ACT_NONE
-    slope: float = 0.0
-    vecs: tuple = (None, None, None, None)   # fp32 per-channel vectors, see operands.py
-    aux: Optional[torch.Tensor] = None       # PRO_DY_*: the layer's output y (same strides as the operand)
-    inv_count: float = 0.0                   # PRO_DY_STATS: 1 / (elements per channel in the statistics)
-
-    def args(self, dummy: torch.Tensor) -> list:
-        return [v if v is not None else dummy for v in (self.aux, *self.vecs)]
-
-
-@dataclass
-class Epilogue:
-    """Forward (bias, tanh, BN statistics) or, with dact, the dgrad epilogue (activation
-    derivative, BN-backward reductions) for the prologue `pro` the forward applied to `ex`."""
-    dact: bool = False
-    bias: Optional[torch.Tensor] = None
-    tanh: bool = False
-    stats: bool = False
-    shift: Optional[torch.Tensor] = None     # stats: per-channel shift (the running mean) or None
-    ex: Optional[torch.Tensor] = None        # dact: forward input, same strides as the output
-    pro: Prologue = field(default_factory=Prologue)
-
-    def needs_partials(self) -> bool:
-        return self.stats if not self.dact else self.pro.mode == PRO_NORM_ACT
-
-    def args(self, dummy: torch.Tensor) -> list:
-        if self.dact:
-            return [self.ex if self.ex is not None else dummy, *self.pro.args(dummy)[1:]]
-        return [dummy, self.bias if self.bias is not None else dummy,
-                self.shift if self.shift is not None else dummy, dummy, dummy]
-
-    def constexprs(self) -> dict:
-        return dict(DACT=self.dact, HAS_BIAS=self.bias is not None, TANH=self.tanh, STATS=self.stats,
-                    EPRO=self.pro.mode, EACT=self.pro.act)
-
-
-def partials(rows: int, channels: int, atomic: bool, device) -> torch.Tensor:
-    """[rows, 2, C] fp32 per-tile sums; with atomics one zeroed row that every tile adds into."""
-    if atomic:
-        return torch.zeros((1, 2, channels), dtype=torch.float32, device=device)
-    return torch.empty((rows, 2, channels), dtype=torch.float32, device=device)
 
 
 def dot_config(dtype: torch.dtype, allow_tf32: bool) -> dict:

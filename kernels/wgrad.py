@@ -20,8 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .fusion import Prologue
 from .operands import load_operand, to_dot
-from .utils import INTERPRET, Prologue, cdiv, clamp_pow2, dot_config, flat_k, launch
+from .utils import INTERPRET, cdiv, clamp_pow2, dot_config, flat_k, launch
 
 
 @triton.jit

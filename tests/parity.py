@@ -177,6 +177,32 @@ def check_module(ref: nn.Module, x: torch.Tensor, dtype: torch.dtype, seed: int)
 
 
 # ---------------------------------------------------------------------------------------------
+# prologues for the kernel tests: a random one of a kind, and its reference math
+
+def random_prologue(mode: str, c: int, gen):
+    from fastgan.kernels.fusion import ACT_LEAKY, ACT_RELU, PRO_ACT, PRO_NORM_ACT, Prologue
+    if mode == "none":
+        return Prologue()
+    if mode == "act":
+        return Prologue(PRO_ACT, ACT_LEAKY, 0.2)
+    vecs = (torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.5,
+            torch.randn(c, generator=gen), torch.randn(c, generator=gen))
+    return Prologue(PRO_NORM_ACT, ACT_RELU, 0.0, vecs)
+
+
+def apply_prologue(x, pro):
+    """The reference for a prologue: the activation the previous layer would have written."""
+    import torch.nn.functional as F
+    from fastgan.kernels.fusion import ACT_RELU, PRO_ACT, PRO_NORM_ACT
+    if pro.mode == PRO_NORM_ACT:
+        m, i, g, b = (v[None, :, None, None] for v in pro.vecs)
+        x = (x - m) * i * g + b
+    if pro.mode in (PRO_ACT, PRO_NORM_ACT):
+        x = F.relu(x) if pro.act == ACT_RELU else F.leaky_relu(x, pro.slope)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
 # one fused layer op against an fp64 reference on identical inputs (every dtype, backward too)
 
 def reference_layer(x, weight, bias, prev, act, slope, transposed, stride, padding, stats, tanh):
@@ -206,7 +232,6 @@ def check_layer_op(x_shape, weight_shape, *, transposed, stride, padding, norm, 
     running-statistics update, and the gradients of x, weight, bias and the previous layer's
     (mean, invstd, gamma, beta) for random incoming gradients of y, mean and invstd."""
     import fastgan.kernels.layer  # noqa: F401  (registers torch.ops.fastgan.*)
-    from fastgan.kernels.utils import ACTS
     gen = generator(seed)
     rnd = lambda *shape, scale=1.0, shift=0.0: torch.randn(shape, generator=gen) * scale + shift  # noqa: E731
     cin = x_shape[1]
@@ -224,7 +249,8 @@ def check_layer_op(x_shape, weight_shape, *, transposed, stride, padding, norm, 
     fx = fused_in[0].to(dtype).detach().requires_grad_()
     y, mean, invstd, new_rm, new_rv = torch.ops.fastgan.conv_layer(
         fx, fused_in[1], fused_in[2], *(fused_in[3:] if norm else [None] * 4), *running,
-        transposed, stride, padding, ACTS[act], slope, stats, tanh, 0.1, 1e-5, True, dtype, False)
+        transposed=transposed, stride=stride, padding=padding, in_act=act, slope=slope, stats=stats,
+        tanh=tanh, momentum=0.1, eps=1e-5, deterministic=True, dtype=dtype, allow_tf32=False)
     ry, rmean, rinvstd = reference_layer(ref_in[0], ref_in[1], ref_in[2], ref_in[3:] if norm else None,
                                          act, slope, transposed, stride, padding, stats, tanh)
     tol = TOL[dtype]

@@ -74,8 +74,9 @@ def test_bn_grad_matches_autograd():
 
 def layer_outputs(deterministic: bool, x, w, rm, rv):
     return torch.ops.fastgan.conv_layer(
-        x, w, None, None, None, None, None, rm, rv, False, 2, 1, 0, 0.0, True, False, 0.1, 1e-5,
-        deterministic, torch.float32, False)
+        x, w, None, None, None, None, None, running_mean=rm, running_var=rv, transposed=False, stride=2,
+        padding=1, in_act=None, slope=0.0, stats=True, tanh=False, momentum=0.1, eps=1e-5,
+        deterministic=deterministic, dtype=torch.float32, allow_tf32=False)
 
 
 def test_atomic_and_deterministic_statistics_agree():

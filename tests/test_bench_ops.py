@@ -29,7 +29,8 @@ from fastgan.kernels import layer  # noqa: E402,F401  (registers torch.ops.fastg
 from fastgan.kernels.batchnorm import bn_stats  # noqa: E402
 from fastgan.kernels.conv import conv2d  # noqa: E402
 from fastgan.kernels.conv_transpose import conv_transpose2d  # noqa: E402
-from fastgan.kernels.utils import ACTS, Epilogue, Prologue, channels_last_empty  # noqa: E402
+from fastgan.kernels.fusion import Epilogue, Prologue  # noqa: E402
+from fastgan.kernels.utils import channels_last_empty  # noqa: E402
 from fastgan.kernels.wgrad import wgrad  # noqa: E402
 
 DEV, BF16, N = torch.device("cuda"), torch.bfloat16, 128
@@ -102,8 +103,10 @@ class Block:
 
     def fused(self, x, mean, invstd):
         return torch.ops.fastgan.conv_layer(
-            x, self.w, None, mean, invstd, self.gamma, self.beta, self.rm, self.rv, self.transposed, 2, 1,
-            ACTS[self.act], self.slope, True, False, 0.1, 1e-5, False, BF16, False)[0]
+            x, self.w, None, in_mean=mean, in_invstd=invstd, in_gamma=self.gamma, in_beta=self.beta,
+            running_mean=self.rm, running_var=self.rv, transposed=self.transposed, stride=2, padding=1,
+            in_act=self.act, slope=self.slope, stats=True, tanh=False, momentum=0.1, eps=1e-5,
+            deterministic=False, dtype=BF16, allow_tf32=False)[0]
 
     def torch(self, x):
         with torch.autocast("cuda", BF16):

@@ -7,32 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from fastgan.kernels.conv import conv2d, conv_out_size
-from fastgan.kernels.utils import (ACT_LEAKY, ACT_RELU, PRO_ACT, PRO_NORM_ACT, Epilogue, Prologue,
-                                   channels_last_empty)
+from fastgan.kernels.fusion import Epilogue, Prologue
+from fastgan.kernels.utils import channels_last_empty
 from fastgan.models import ConvModule
-from parity import DEVICE, TOL, assert_close, check_chain, check_layer_op, generator
+from parity import (DEVICE, TOL, apply_prologue, assert_close, check_chain, check_layer_op, generator,
+                    random_prologue)
 
 pytestmark = pytest.mark.usefixtures("on_device")
-
-
-def apply_prologue(x, pro: Prologue):
-    """The reference for a prologue: the activation the previous layer would have written."""
-    if pro.mode == PRO_NORM_ACT:
-        m, i, g, b = (v[None, :, None, None] for v in pro.vecs)
-        x = (x - m) * i * g + b
-    if pro.mode in (PRO_ACT, PRO_NORM_ACT):
-        x = F.relu(x) if pro.act == ACT_RELU else F.leaky_relu(x, pro.slope)
-    return x
-
-
-def random_prologue(mode: str, c: int, gen) -> Prologue:
-    if mode == "none":
-        return Prologue()
-    if mode == "act":
-        return Prologue(PRO_ACT, ACT_LEAKY, 0.2)
-    vecs = (torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.5,
-            torch.randn(c, generator=gen), torch.randn(c, generator=gen))
-    return Prologue(PRO_NORM_ACT, ACT_RELU, 0.0, vecs)
 
 
 @pytest.mark.parametrize("stride, padding, size", [(2, 1, 8), (1, 0, 4)])

@@ -8,12 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from fastgan.kernels.conv_transpose import conv_transpose2d, conv_transpose_out_size
-from fastgan.kernels.utils import Epilogue, channels_last_empty
+from fastgan.kernels.fusion import Epilogue
+from fastgan.kernels.utils import channels_last_empty
 from fastgan.models import ConvModule
-from parity import DEVICE, TOL, assert_close, check_chain, check_layer_op, generator
+from parity import (DEVICE, TOL, apply_prologue, assert_close, check_chain, check_layer_op, generator,
+                    random_prologue)
 
 pytestmark = pytest.mark.usefixtures("on_device")
-from test_conv import apply_prologue, random_prologue
 
 
 @pytest.mark.parametrize("stride, padding, size", [(2, 1, 4), (1, 0, 1)])

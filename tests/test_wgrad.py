@@ -7,12 +7,11 @@ import torch
 import torch.nn.functional as F
 
 import fastgan.kernels.wgrad as wgrad_mod
-from fastgan.kernels.utils import PRO_DY_STATS, PRO_DY_TANH, Prologue
+from fastgan.kernels.fusion import PRO_DY_STATS, PRO_DY_TANH, Prologue
 from fastgan.kernels.wgrad import channel_sum, wgrad
-from parity import TOL, assert_close, generator
+from parity import TOL, apply_prologue, assert_close, generator, random_prologue
 
 pytestmark = pytest.mark.usefixtures("on_device")
-from test_conv import apply_prologue, random_prologue
 
 
 def dy_prologue(kind: str, y: torch.Tensor, gen) -> Prologue:
