@@ -175,7 +175,7 @@ def test_smoke_run_writes_everything(tmp_path, data_args):
     cfg = C.load(work / "config.json")
     assert cfg.total_iters == 6 and cfg.model.base_channels == 8
     G = ck.load_generator(work / "generator.safetensors")
-    torch.testing.assert_close(G.state_dict()["to_rgb.conv.weight"], state["G"]["to_rgb.conv.weight"])
+    torch.testing.assert_close(G.state_dict()["output_layer.conv.weight"], state["G"]["output_layer.conv.weight"])
     entries = log_entries(work)
     assert [e["iter"] for e in entries] == list(range(1, 7))
     for e in entries:
