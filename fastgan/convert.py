@@ -56,6 +56,14 @@ def _stand_ins(names) -> list[tuple[type, str]]:
     return [(type("StandIn", (StandIn,), {"name": n}), n) for n in sorted(names)]
 
 
+def _unpickler_message(text: str) -> str:
+    """The unpickler's own words from torch's wrapped message, without its paragraphs of advice."""
+    text = text.replace("WeightsUnpickler error: ", "\n\n")
+    kept = [p.strip() for p in text.split("\n\n")
+            if p.strip() and not re.search(r"weights.only|Weights only|documentation", p, re.IGNORECASE)]
+    return kept[0].splitlines()[0] if kept else "not a weights-only checkpoint"
+
+
 def torch_load(path: str | Path):
     """torch.load(path, weights_only=True), with stand-ins for the objects the file names."""
     path = Path(path)
@@ -71,8 +79,7 @@ def torch_load(path: str | Path):
         except pickle.UnpicklingError as e:
             # torch wraps the unpickler's own message in advice to load with weights_only=False,
             # which fastgan never does: only that message is kept.
-            inner = re.search(r"WeightsUnpickler error: ([^\n]*)", str(e))
-            msg = inner.group(1) if inner else str(e).strip().split("\n")[0]
+            msg = _unpickler_message(str(e))
             found = _UNSUPPORTED.search(msg)
             if found and found.group(1) not in names:
                 names.add(found.group(1))
