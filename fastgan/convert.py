@@ -279,7 +279,9 @@ def load_into(net: torch.nn.Module, sd: dict[str, torch.Tensor], path, what: str
         net.load_state_dict(sd)
         return
     blocks = net.blocks() if hasattr(net, "blocks") else []
-    width = f", width {blocks[-1].conv.in_channels if what.startswith('G') else blocks[0].conv.out_channels}" if blocks else ""
+    width = ""
+    if blocks:      # the base width: G's last hidden layer, D's first
+        width = f", width {blocks[-1].conv.in_channels if what.startswith('G') else blocks[0].conv.out_channels}"
     model = ", ".join(f"{k}={getattr(net, k)}" for k in ("preset", "resolution", "channels") if hasattr(net, k)) + width
     fits = model_fits(sd, what)
     hint = f"; it fits {fits}" if fits else ""

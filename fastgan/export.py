@@ -49,11 +49,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def export(G: torch.nn.Module, out: str | Path, opset: int = DEFAULT_OPSET) -> Path:
-    """G (eval mode, torch backend) to `out`, batch dimension dynamic; written whole or not at all."""
+def _check_exporter() -> None:
     missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
     if missing:
         raise RuntimeError(f"ONNX export needs {' and '.join(missing)}: pip install -e \".[onnx]\"")
+
+
+def export(G: torch.nn.Module, out: str | Path, opset: int = DEFAULT_OPSET) -> Path:
+    """G (eval mode, torch backend) to `out`, batch dimension dynamic; written whole or not at all."""
+    _check_exporter()
     G = G.eval()
     z = torch.randn(2, G.noise_size)
     batch = torch.export.Dim("batch", min=1)
@@ -98,6 +102,7 @@ def main(argv=None) -> int:
     except config_mod.ConfigError as e:
         sys.exit(f"config error: {e}")
     try:
+        _check_exporter()       # before reading a checkpoint of maybe hundreds of MB
         G = load_generator(args.ckpt, cfg, device="cpu", backend="torch", raw=args.raw, log=print)
         out = export(G, args.out, args.opset)
     except (CheckpointError, RuntimeError) as e:

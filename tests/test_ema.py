@@ -143,3 +143,32 @@ def test_resume_is_exact_and_outputs_use_the_average(tmp_path, data_args):
         grid = images.make_grid(ck.load_generator(work)(z), nrow=int(math.isqrt(cfg.num_samples)))
     assert np.array_equal(np.asarray(Image.open(work / "training_samples" / "iter_5.png")), grid)
     assert json.loads((work / "config.json").read_text())["ema"]["enabled"] is True
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_captured_update_equals_uncaptured_without_host_sync():
+    """On a GPU: the update inside the CUDA graph (3 warm-up iterations, capture, replays) equals
+    the uncaptured function's exactly (fp32, deterministic cuDNN), and replays never sync."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        cfg = tiny(half_life_kimg=0.02, start_iter=2)
+        torch.manual_seed(int(torch.randint(0, 2**31, ())))
+        G, D = build(cfg.model)
+        G, D = G.to(dev), D.to(dev)
+        eager = GraphedStep(cfg, copy.deepcopy(G), copy.deepcopy(D), dev, capture=False)
+        graphed = GraphedStep(cfg, G, D, dev)
+        data = [(r.to(dev), z.to(dev)) for r, z in batches(11, 9)]
+        for i, (real, z) in enumerate(data):
+            eager.step(real, z)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error" if i >= 5 else 0)    # replays from the 5th call
+            graphed.step(real, z)
+            torch.cuda.set_sync_debug_mode(0)
+        assert graphed._graph is not None and int(graphed.ema.iteration) == 9
+        for k, v in eager.ema.module.state_dict().items():
+            assert torch.equal(graphed.ema.module.state_dict()[k], v), k
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
