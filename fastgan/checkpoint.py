@@ -123,7 +123,7 @@ def load(path: str | Path) -> dict:
     missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
     if missing:
         hint = (": it is an MMGeneration/MMagic checkpoint; start a new run from its weights with "
-                f"--init_from={path}") if convert.from_mmgen(state, path) else f" (missing: {', '.join(missing)})"
+                f"--init_from={path}") if convert.is_mmgen(state) else f" (missing: {', '.join(missing)})"
         raise CheckpointError(f"{path} is not a fastgan training checkpoint{hint}")
     for key in ("G", "D", "G_ema"):     # names from before they became MMGeneration's
         if isinstance(state.get(key), dict):

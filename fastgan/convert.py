@@ -171,6 +171,10 @@ def _mmgen_state_dict(state) -> tuple[dict, str] | None:
     return None
 
 
+def is_mmgen(state) -> bool:
+    return _mmgen_state_dict(state) is not None
+
+
 def bgr_to_rgb(sd: dict[str, torch.Tensor], kind: str) -> bool:
     """Reverse the colour channels in place: G's output (output_layer weight dim 1 and bias), D's
     input (downsamples.0 weight dim 1). One-channel models are left alone; returns whether it flipped."""
