@@ -6,6 +6,8 @@ with an unrelated PyPI package of that name.
 
 from setuptools import find_packages, setup
 
+ONNX = ["onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.20"]
+
 setup(
     name="fastgan",
     version="0.1.0",
@@ -25,7 +27,10 @@ setup(
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130>=2.0"],
-        "test": ["pytest>=8", "pytest-benchmark>=4"],
+        # fastgan/export.py: torch.onnx.export's exporter needs onnx and onnxscript; onnxruntime
+        # runs the exported file (export.py checks it against torch when onnxruntime is installed).
+        "onnx": ONNX,
+        "test": ["pytest>=8", "pytest-benchmark>=4", *ONNX],
         "tensorboard": ["tensorboard>=2.14"],
         "metrics": ["scipy>=1.10"],
     },

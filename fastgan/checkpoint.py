@@ -1,9 +1,10 @@
-"""Checkpoints: atomic writes, finding the newest readable one, RNG states, and loading a generator.
+"""Checkpoints: atomic writes, finding the newest readable one, RNG states, and loading a generator
+or discriminator from any file fastgan knows (its own, MMGeneration's, MMagic's: fastgan/convert.py).
 
 ckpt/iter_N.pt holds everything a resumed run needs (G, D, both optimizers, the GradScaler,
 the iteration, every rank's RNG states, the config) in a form `torch.load(weights_only=True)`
 accepts: no pickled numpy arrays or classes. generator.safetensors holds G's state_dict with
-the config JSON in its metadata.
+the config JSON in its metadata (with the EMA generator's weights when EMA is on).
 """
 
 from __future__ import annotations
@@ -21,14 +22,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fastgan import config as config_mod
-from fastgan.models import Generator
+from fastgan import convert
+from fastgan.convert import CheckpointError
+from fastgan.models import Discriminator, Generator
 
 CKPT_NAME = re.compile(r"^iter_(\d+)\.pt$")
 REQUIRED = ("iteration", "G", "D", "opt_g", "opt_d", "config")
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 # -- writing -----------------------------------------------------------------------------------
@@ -73,10 +72,11 @@ def clean_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_generator(G: torch.nn.Module, cfg, path: str | Path) -> Path:
-    """generator.safetensors: G's state_dict, the config JSON in the metadata."""
+def save_generator(G: torch.nn.Module, cfg, path: str | Path, ema: bool = False) -> Path:
+    """generator.safetensors: G's state_dict, the config JSON in the metadata; `ema` marks the
+    EMA generator's weights (the file then holds no raw G)."""
     tensors = {k: v.contiguous() for k, v in clean_state_dict(G).items()}
-    meta = {"format": "fastgan-generator", "config": config_mod.dumps(cfg)}
+    meta = {"format": "fastgan-generator", "config": config_mod.dumps(cfg), "generator": "ema" if ema else "raw"}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -119,13 +119,15 @@ def load(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:       # truncated zip, bad pickle, empty file: all unreadable
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}: {e})") from None
+    state = convert.torch_load(path)     # truncated zip, bad pickle, empty file: CheckpointError
     missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
     if missing:
-        raise CheckpointError(f"{path} is not a fastgan training checkpoint (missing: {', '.join(missing)})")
+        hint = (": it is an MMGeneration/MMagic checkpoint; start a new run from its weights with "
+                f"--init_from={path}") if convert.is_mmgen(state) else f" (missing: {', '.join(missing)})"
+        raise CheckpointError(f"{path} is not a fastgan training checkpoint{hint}")
+    for key in ("G", "D", "G_ema"):     # names from before they became MMGeneration's
+        if isinstance(state.get(key), dict):
+            state[key] = convert.upgrade_keys(state[key])
     return state
 
 
@@ -165,14 +167,16 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-# -- a generator from any fastgan file ---------------------------------------------------------
+# -- a generator or discriminator from any checkpoint --------------------------------------------
 
-def _resolve_file(path: Path) -> Path:
-    """A work_dir stands for its generator.safetensors, or else its newest checkpoint."""
+def _resolve_file(path: Path, raw: bool = False) -> Path:
+    """A work_dir stands for its generator.safetensors, or else (or for the raw G of an EMA run)
+    its newest checkpoint."""
     if path.is_dir():
-        if (path / "generator.safetensors").is_file():
-            return path / "generator.safetensors"
+        st = path / "generator.safetensors"
         found = list_checkpoints(path / "ckpt")
+        if st.is_file() and not (raw and found and _safetensors_meta(st).get("generator") == "ema"):
+            return st
         if not found:
             raise CheckpointError(f"{path} holds neither generator.safetensors nor ckpt/iter_N.pt")
         return found[0][1]
@@ -181,45 +185,115 @@ def _resolve_file(path: Path) -> Path:
     return path
 
 
-def read_generator_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """(G's state_dict, the stored config dict or None) from .safetensors or .pt."""
-    path = _resolve_file(Path(path))
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:
-            raise CheckpointError(f"cannot read {path} ({type(e).__name__}: {e})") from None
-        return tensors, json.loads(meta["config"]) if "config" in meta else None
+def _safetensors_meta(path: Path) -> dict:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return f.metadata() or {}
+    except Exception:
+        return {}
+
+
+def read_weights(path: str | Path, raw: bool = False) -> tuple[Path, convert.Weights]:
+    """(the file, what it holds in fastgan's names and RGB): ckpt/iter_N.pt, generator.safetensors,
+    a work_dir, a bare G or D state_dict, or an MMGeneration/MMagic checkpoint."""
+    path = _resolve_file(Path(path), raw)
+    if path.suffix != ".safetensors":
+        return path, convert.read_torch(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}: {e})") from None
-    if isinstance(state, dict) and "G" in state:
-        return state["G"], state.get("config")
-    if isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()):
-        return state, None         # a bare G state_dict
-    raise CheckpointError(f"{path} holds no generator (expected a fastgan checkpoint or a state_dict)")
+        raise CheckpointError(f"cannot read {path} ({type(e).__name__}: {e})") from None
+    ema = meta.get("generator") == "ema"
+    w = convert.Weights(source="generator.safetensors", config=json.loads(meta["config"]) if "config" in meta else None,
+                        ema_only=ema)
+    w.G = convert.upgrade_keys(tensors)
+    return path, w
+
+
+def _generator_weights(path: Path, w: convert.Weights, raw: bool) -> tuple[dict, str]:
+    """(G's state_dict, which one it is) -- the EMA generator when the file has one, unless raw."""
+    if w.G_ema is not None and not raw:
+        return w.G_ema, "the EMA generator (--raw: the trained one)"
+    if w.ema_only:
+        if raw:
+            raise CheckpointError(f"{path} holds only the EMA generator; for the raw one pass a checkpoint "
+                                  "(work_dir/ckpt/iter_N.pt) or the work_dir")
+        return w.G, "the EMA generator"
+    if w.G is None:
+        raise CheckpointError(f"{path} holds no generator ({w.source})")
+    return w.G, "the raw generator" if w.G_ema is not None else "the generator"
+
+
+def read_generator_file(path: str | Path, raw: bool = False) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(G's state_dict, the stored config dict or None) from any file read_weights reads."""
+    path, w = read_weights(path, raw)
+    return _generator_weights(path, w, raw)[0], w.config
+
+
+def _config_for(path, cfg, stored: dict | None):
+    if cfg is not None:
+        return cfg
+    if stored is None:
+        raise CheckpointError(f"{path} stores no config: pass one (CONFIG argument)")
+    return config_mod.from_dict(stored)
+
+
+def _build(net_cls, cfg, backend):
+    m = cfg.model
+    return net_cls(preset=m.preset, resolution=m.resolution, channels=m.channels,
+                   base_channels=m.base_channels, backend=backend)
 
 
 def load_generator(path: str | Path, cfg=None, device: torch.device | str = "cpu",
-                   backend: str = "torch") -> Generator:
-    """G in eval mode from ckpt/iter_N.pt, generator.safetensors, a bare state_dict .pt, or a
-    work_dir. `cfg` (a Config) gives the architecture; without it the file's stored config does."""
-    tensors, stored = read_generator_file(path)
-    if cfg is None:
-        if stored is None:
-            raise CheckpointError(f"{path} stores no config: pass one (CONFIG argument)")
-        cfg = config_mod.from_dict(stored)
-    m = cfg.model
-    G = Generator(preset=m.preset, resolution=m.resolution, channels=m.channels,
-                  base_channels=m.base_channels, backend=backend)
-    try:
-        G.load_state_dict(tensors)
-    except RuntimeError as e:
-        trained = f"; it was trained with {stored['model']}" if stored and "model" in stored else ""
-        detail = "\n".join(str(e).splitlines()[:4])      # the first mismatches say enough
-        raise CheckpointError(f"{path} does not fit the configured model {m}{trained} (pass the config "
-                              f"the run used, e.g. its work_dir/config.json)\n{detail}") from None
+                   backend: str = "torch", raw: bool = False, log=None) -> Generator:
+    """G in eval mode from ckpt/iter_N.pt, generator.safetensors, a bare state_dict .pt, a work_dir,
+    or an MMGeneration/MMagic checkpoint (converted to RGB). The EMA generator when the file has
+    one, the trained G with raw=True. `cfg` (a Config) gives the architecture; without it the file's
+    stored config does. `log(message)` hears about conversions and which generator was loaded."""
+    path, w = read_weights(path, raw)
+    sd, which = _generator_weights(path, w, raw)
+    G = _build(Generator, _config_for(path, cfg, w.config), backend)
+    convert.load_into(G, sd, path, "G")
+    if log:
+        for note in w.notes:
+            log(note)
+        log(f"{path}: {which}")
     return G.to(device).eval()
+
+
+def load_discriminator(path: str | Path, cfg=None, device: torch.device | str = "cpu",
+                       backend: str = "torch", log=None) -> Discriminator:
+    """D in eval mode, from the same files as load_generator (generator.safetensors holds none)."""
+    path, w = read_weights(path)
+    if w.D is None:
+        raise CheckpointError(f"{path} holds no discriminator ({w.source}); pass a checkpoint that has one")
+    D = _build(Discriminator, _config_for(path, cfg, w.config), backend)
+    convert.load_into(D, w.D, path, "D")
+    if log:
+        for note in w.notes:
+            log(note)
+    return D.to(device).eval()
+
+
+def init_networks(path: str | Path, G: torch.nn.Module, D: torch.nn.Module, log=None) -> str:
+    """Load a checkpoint's trained G and D (not its EMA) into G and D, in place: the start of a new
+    run (train.py's init_from). Returns what the file was."""
+    path = Path(path)
+    if path.is_dir():     # a work_dir: its newest checkpoint (generator.safetensors has no D)
+        found = list_checkpoints(path / "ckpt")
+        if not found:
+            raise CheckpointError(f"{path} holds no ckpt/iter_N.pt to start from")
+        path = found[0][1]
+    path, w = read_weights(path, raw=True)
+    if w.G is None or w.D is None or w.ema_only:
+        raise CheckpointError(f"{path} does not hold both a generator and a discriminator ({w.source}); "
+                              "init_from needs a training checkpoint")
+    with torch.no_grad():
+        convert.load_into(G, w.G, path, "G")
+        convert.load_into(D, w.D, path, "D")
+    if log:
+        for note in w.notes:
+            log(note)
+    return w.source

@@ -74,6 +74,16 @@ class EvalConfig:
 
 
 @dataclass
+class EMAConfig:
+    enabled: bool = _opt(False, "keep an exponential moving average of G's weights; sample grids, evaluation, "
+                                "generator.safetensors, sample.py and evaluate.py then use it")
+    half_life_kimg: float = _opt(10.0, "half-life of the average in thousands of images (StyleGAN2-ADA's ema_kimg)")
+    rampup: Optional[float] = _opt(0.05, "half-life at most rampup x the images seen so far (StyleGAN2-ADA's "
+                                         "ema_rampup); none: no ramp-up")
+    start_iter: int = _opt(0, "until this iteration the average is a copy of G")
+
+
+@dataclass
 class Config:
     work_dir: str = _opt("work_dirs/run", "outputs: samples, checkpoints, logs")
     total_iters: int = _opt(300000)
@@ -93,10 +103,13 @@ class Config:
     keep_ckpts: int = _opt(20, "newest checkpoints kept")
     log_interval: int = _opt(100)
     eval_interval: int = _opt(0, "0: no evaluation during training")
+    init_from: Optional[str] = _opt(None, "start a new run from this checkpoint's G and D (fastgan, MMGeneration or "
+                                          "MMagic; fresh optimizers, iteration 0); a work_dir with checkpoints resumes")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,6 +195,9 @@ def validate(cfg: Config) -> Config:
     for key in ("total_iters", "batch_size", "sample_interval", "ckpt_interval", "log_interval", "num_samples"):
         if _get(cfg, key) < 1:
             raise ConfigError(f"{key}: must be at least 1, got {_get(cfg, key)}")
+    if cfg.ema.half_life_kimg <= 0 or (cfg.ema.rampup is not None and cfg.ema.rampup <= 0) or cfg.ema.start_iter < 0:
+        raise ConfigError(f"ema: half_life_kimg and rampup must be positive and start_iter at least 0, got "
+                          f"{cfg.ema.half_life_kimg}, {cfg.ema.rampup}, {cfg.ema.start_iter}")
     if cfg.model.base_channels is not None and cfg.model.base_channels < 1:
         raise ConfigError(f"model.base_channels: must be at least 1, got {cfg.model.base_channels}")
     return cfg

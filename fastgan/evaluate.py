@@ -2,10 +2,12 @@
 
     python fastgan/evaluate.py CONFIG CKPT [--metrics swd,ms_ssim[,fid,kid,is]] [--num-samples N]
                                [--out FILE.json] [--inception-weights PATH] [--device cpu|cuda]
-                               [--batch-size N] [--key=value ...]
+                               [--batch-size N] [--raw] [--key=value ...]
 
-CKPT: ckpt/iter_N.pt, ckpt/best.pt, generator.safetensors, or a work_dir. CONFIG: the config file
-the run used, or the work_dir's config.json; --key=value overrides it (e.g. --data.root=...).
+CKPT: ckpt/iter_N.pt, ckpt/best.pt, generator.safetensors, a work_dir, or an MMGeneration/MMagic
+DCGAN checkpoint. CONFIG: the config file the run used, or the work_dir's config.json; --key=value
+overrides it (e.g. --data.root=...). A file with an EMA generator is scored with it; --raw scores
+the trained generator.
 Defaults come from the config's eval.* keys (MMGen's DCGAN: SWD and MS-SSIM on 16384 images).
 FID, KID and IS need pt_inception-2015-12-05-6726825d.pth (--inception-weights, $FASTGAN_INCEPTION,
 or eval.inception_weights); nothing is ever downloaded. Real-data statistics are cached in
@@ -35,8 +37,25 @@ from fastgan.checkpoint import CheckpointError, atomic_write, load_generator
 from fastgan.metrics import LOWER_IS_BETTER, Evaluator, InceptionWeightsError, parse_metrics
 from fastgan.models import resolve_backend
 
-# MMGeneration's published DCGAN CelebA-cropped 64x64 scores (configs/dcgan/README.md)
+# MMGeneration's published DCGAN 64x64 scores (configs/dcgan/README.md), by data set
 MMGEN_DCGAN = {"swd_64": 8.93, "swd_32": 10.53, "swd_16": 50.32, "swd": 23.26, "ms_ssim": 0.2899}
+MMGEN_FIGURES = {
+    "celeba-cropped": MMGEN_DCGAN,
+    "lsun-bedroom": {"swd_64": 42.79, "swd_32": 34.55, "swd_16": 98.46, "swd": 58.6, "ms_ssim": 0.2095},
+    "mnist": {"swd_64": 21.16, "swd_32": 4.4, "swd_16": 8.41, "swd": 11.32, "ms_ssim": 0.1395},
+}
+
+
+def mmgen_figures(cfg, config_path: str) -> dict[str, float] | None:
+    """MMGen's published scores for the recipe a config (or its work_dir) is named after; the
+    CelebA recipe's for any other MMGen 64x64x3 model, as before."""
+    if cfg.model.preset != "mmgen" or cfg.model.resolution != 64:
+        return None
+    named = f"{config_path} {cfg.work_dir}"
+    for name, figures in MMGEN_FIGURES.items():
+        if name in named:
+            return figures
+    return MMGEN_DCGAN if cfg.model.channels == 3 else None
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
@@ -44,7 +63,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
                                 epilog="Any other --key=value overrides the config.")
     p.add_argument("config", help="config file (.py) or a work_dir's config.json")
-    p.add_argument("ckpt", help="ckpt/iter_N.pt, generator.safetensors, or a work_dir")
+    p.add_argument("ckpt", help="ckpt/iter_N.pt, generator.safetensors, a work_dir, or an MMGeneration .pth")
     p.add_argument("--metrics", default=None, help="comma-separated: swd, ms_ssim, fid, kid, is "
                                                    "(default: the config's eval.metrics)")
     p.add_argument("--num-samples", type=int, default=None, help="generated (and real) images "
@@ -54,6 +73,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
                    help="pt_inception-2015-12-05-6726825d.pth for fid, kid, is")
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward (default 256)")
+    p.add_argument("--raw", action="store_true", help="the trained generator, not its EMA (when the file has one)")
     args, overrides = p.parse_known_args(argv)
     if args.num_samples is not None and args.num_samples < 2:
         p.error("--num-samples must be at least 2")
@@ -67,9 +87,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     return args, overrides
 
 
-def default_out(ckpt: str) -> Path:
-    path = Path(ckpt)
-    return path / "metrics.json" if path.is_dir() else path.with_name(path.stem + "_metrics.json")
+def default_out(ckpt: str, raw: bool = False) -> Path:
+    path, tag = Path(ckpt), "_raw" if raw else ""
+    return path / f"metrics{tag}.json" if path.is_dir() else path.with_name(f"{path.stem}{tag}_metrics.json")
 
 
 def table(scores: dict[str, float], reference: dict[str, float] | None) -> str:
@@ -84,8 +104,8 @@ def table(scores: dict[str, float], reference: dict[str, float] | None) -> str:
 
 
 def evaluate(cfg, ckpt: str, device: torch.device, metrics=None, num_samples=None, batch_size=256,
-             inception_weights=None) -> dict[str, float]:
-    G = load_generator(ckpt, cfg, device=device, backend=resolve_backend(cfg.backend, device))
+             inception_weights=None, raw=False, log=None) -> dict[str, float]:
+    G = load_generator(ckpt, cfg, device=device, backend=resolve_backend(cfg.backend, device), raw=raw, log=log)
     ev = Evaluator(cfg, device, metrics=metrics, num_samples=num_samples, batch_size=batch_size,
                    inception_weights=inception_weights)
     return ev(G)
@@ -103,17 +123,16 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     try:
         scores = evaluate(cfg, args.ckpt, device, args.metrics, args.num_samples, args.batch_size,
-                          args.inception_weights)
+                          args.inception_weights, raw=args.raw, log=print)
     except (CheckpointError, InceptionWeightsError, ValueError) as e:   # DataError is a ValueError too
         sys.exit(f"error: {e}")
     seconds = time.perf_counter() - t0
-    mmgen_recipe = cfg.model.preset == "mmgen" and cfg.model.resolution == 64 and cfg.model.channels == 3
     n = args.num_samples or cfg.eval.num_samples
     print(f"{args.ckpt}: {n} samples on {device}, {seconds:.1f} s")
-    print(table(scores, MMGEN_DCGAN if mmgen_recipe else None))
-    out = Path(args.out) if args.out else default_out(args.ckpt)
-    record = {"config": args.config, "overrides": overrides, "checkpoint": args.ckpt, "num_samples": n,
-              "device": str(device), "seconds": round(seconds, 2), "metrics": scores}
+    print(table(scores, mmgen_figures(cfg, args.config)))
+    out = Path(args.out) if args.out else default_out(args.ckpt, args.raw)
+    record = {"config": args.config, "overrides": overrides, "checkpoint": args.ckpt, "raw": args.raw,
+              "num_samples": n, "device": str(device), "seconds": round(seconds, 2), "metrics": scores}
     atomic_write(out, lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
     print(f"wrote {out}")
     return 0

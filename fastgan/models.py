@@ -1,8 +1,11 @@
 """DCGAN generator and discriminator: the reference (plain PyTorch) model and its presets.
 
-Module and parameter names follow MMGeneration's DCGANGenerator / DCGANDiscriminator
-(`noise2feat.conv.weight`, `upsampling.0.bn.running_mean`, `decision.conv.bias`, ...), so the
-state_dict of either backend loads in the other, and MMGen's keys map one to one.
+Module and parameter names are MMGeneration's DCGANGenerator / DCGANDiscriminator exactly
+(mmgen/models/architectures/dcgan/generator_discriminator.py): G `noise2feat`, `upsampling.{i}`,
+`output_layer` (the tutorial's to_rgb); D `downsamples.{i}` (block 0 is the tutorial's img2feat),
+`output_layer` (its decision head); `conv` and `bn` inside each block, as in mmcv's ConvModule.
+So the state_dict of either backend loads in the other, and an MMGen state_dict loads once its
+`generator.` / `discriminator.` prefix is stripped (fastgan/convert.py does that, and BGR -> RGB).
 
 backend="torch" runs these modules as written; backend="triton" runs the same parameters and
 buffers through the fused kernels (fastgan/fused.py). Switch at any time: `G.backend = "triton"`;
@@ -28,7 +31,7 @@ class Preset:
     base_channels: int
     noise_size: int
     d_slope: float          # LeakyReLU slope in D
-    out_bias: bool          # bias on G.to_rgb, D.img2feat and D.decision
+    out_bias: bool          # bias on G.output_layer, D.downsamples.0 and D.output_layer
     bn_weight_mean: float   # BN weight init N(mean, std)
     bn_weight_std: float
 
@@ -145,12 +148,12 @@ class Generator(_DCGAN):
         self.upsampling = nn.Sequential(*[
             ConvModule(widths[i], widths[i + 1], transposed=True, stride=2, padding=1,
                        bias=False, norm=True, act="relu") for i in range(len(widths) - 1)])
-        self.to_rgb = ConvModule(widths[-1], channels, transposed=True, stride=2, padding=1,
-                                 bias=p.out_bias, norm=False, act="tanh")
+        self.output_layer = ConvModule(widths[-1], channels, transposed=True, stride=2, padding=1,
+                                       bias=p.out_bias, norm=False, act="tanh")      # the tutorial's to_rgb
         _init(self, p)
 
     def blocks(self) -> list[ConvModule]:
-        return [self.noise2feat, *self.upsampling, self.to_rgb]
+        return [self.noise2feat, *self.upsampling, self.output_layer]
 
     def sample_noise(self, n: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.randn(n, self.noise_size, device=device, generator=generator)
@@ -169,17 +172,17 @@ class Discriminator(_DCGAN):
     def __init__(self, preset="mmgen", resolution=64, channels=3, base_channels=None, backend="torch"):
         super().__init__(preset, resolution, channels, backend)
         p, widths = self._plan(base_channels)                              # R/2 ... 4x4
-        self.img2feat = ConvModule(channels, widths[0], transposed=False, stride=2, padding=1,
-                                   bias=p.out_bias, norm=False, act="leaky_relu", slope=p.d_slope)
-        self.downsampling = nn.Sequential(*[
-            ConvModule(widths[i], widths[i + 1], transposed=False, stride=2, padding=1,
-                       bias=False, norm=True, act="leaky_relu", slope=p.d_slope) for i in range(len(widths) - 1)])
-        self.decision = ConvModule(widths[-1], 1, transposed=False, stride=1, padding=0,
-                                   bias=p.out_bias, norm=False, act=None)
+        # Block 0 (the tutorial's img2feat) has a bias and no BN, as in MMGen.
+        self.downsamples = nn.Sequential(*[
+            ConvModule(channels if i == 0 else widths[i - 1], widths[i], transposed=False, stride=2, padding=1,
+                       bias=p.out_bias if i == 0 else False, norm=i > 0, act="leaky_relu", slope=p.d_slope)
+            for i in range(len(widths))])
+        self.output_layer = ConvModule(widths[-1], 1, transposed=False, stride=1, padding=0,
+                                       bias=p.out_bias, norm=False, act=None)         # the decision head
         _init(self, p)
 
     def blocks(self) -> list[ConvModule]:
-        return [self.img2feat, *self.downsampling, self.decision]
+        return [*self.downsamples, self.output_layer]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         expect = (self.channels, self.resolution, self.resolution)

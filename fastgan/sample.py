@@ -1,10 +1,13 @@
 """Draw samples from a trained generator (MMGeneration's demo/unconditional_demo.py).
 
     python fastgan/sample.py CONFIG CKPT [--num-samples 64] [--nrow 8] [--seed 0] [--out grid.png]
-                             [--each DIR] [--device cpu|cuda] [--backend auto|torch|triton]
+                             [--each DIR] [--device cpu|cuda] [--backend auto|torch|triton] [--raw]
 
-CKPT: ckpt/iter_N.pt, generator.safetensors, or a work_dir (its generator.safetensors, else its
-newest checkpoint). CONFIG: the config file the run used, or the work_dir's config.json.
+CKPT: ckpt/iter_N.pt, generator.safetensors, a work_dir (its generator.safetensors, else its
+newest checkpoint), or an MMGeneration/MMagic DCGAN checkpoint (.pth, converted from BGR to RGB).
+CONFIG: the config file the run used, or the work_dir's config.json (for an MMGeneration file, the
+fastgan config of the same name, e.g. configs/dcgan/dcgan_celeba-cropped_64_b128x1_300k.py).
+A file with an EMA generator draws from it; --raw draws from the trained generator instead.
 The noise comes from --seed on the CPU, so a seed gives the same images on CPU and GPU.
 """
 
@@ -36,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python fastgan/sample.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="config file (.py) or a work_dir's config.json")
-    p.add_argument("ckpt", help="ckpt/iter_N.pt, generator.safetensors, or a work_dir")
+    p.add_argument("ckpt", help="ckpt/iter_N.pt, generator.safetensors, a work_dir, or an MMGeneration .pth")
     p.add_argument("--num-samples", type=int, default=64, help="images to draw (default 64)")
     p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: a square grid)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
@@ -45,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--backend", default=None, choices=("auto", "torch", "triton"), help="default: the config's")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward (default 256)")
+    p.add_argument("--raw", action="store_true", help="the trained generator, not its EMA (when the file has one)")
     args = p.parse_args(argv)
     for name in ("num_samples", "batch_size"):
         if getattr(args, name) < 1:
@@ -77,7 +81,7 @@ def main(argv=None) -> int:
     if backend == "triton" and device.type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")   # before fastgan.kernels first loads
     try:
-        G = load_generator(args.ckpt, cfg, device=device, backend=backend)
+        G = load_generator(args.ckpt, cfg, device=device, backend=backend, raw=args.raw, log=print)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     t = time.perf_counter()

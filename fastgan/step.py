@@ -26,6 +26,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from fastgan.ema import EMA
+
 # Each rank keeps its own BN running statistics between explicit syncs. torch 2.13 renamed
 # broadcast_buffers=False to forward_sync_buffers=False (a FutureWarning); 2.11 has only the old name.
 _NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
@@ -79,7 +81,11 @@ class TrainStep:
             self.d_pair = DDP(pair, device_ids=ids, **_NO_BUFFER_SYNC)
         else:
             self.g_train, self.d_pair = G, pair
-        fn = self._mmgen if self.recipe == "mmgen" else self._pytorch_examples
+        # The EMA generator (cfg.ema) is updated at the end of the iteration, inside the same function.
+        self.ema = EMA(G, cfg.ema, cfg.batch_size) if cfg.ema.enabled else None
+        fn = self._recipe = self._mmgen if self.recipe == "mmgen" else self._pytorch_examples
+        if self.ema is not None:
+            fn = self._with_ema
         # compile_backend: "aot_eager" traces the same graphs without inductor's codegen (tests).
         self._fn = torch.compile(fn, backend=compile_backend) if cfg.compile else fn
 
@@ -88,6 +94,11 @@ class TrainStep:
 
     def step(self, real: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self._fn(real, z)
+
+    def _with_ema(self, real: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        losses = self._recipe(real, z)
+        self.ema.update()
+        return losses
 
     # -- the recipes ---------------------------------------------------------------------------
 
@@ -147,10 +158,10 @@ class TrainStep:
 
     def state_dict(self) -> dict:
         return {"opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
-                "scaler": self.scaler.state_dict()}
+                "scaler": self.scaler.state_dict(), **(self.ema.state_dict() if self.ema is not None else {})}
 
     def load_state_dict(self, state: dict) -> list[str]:
-        """Restores the optimizer moments and the scaler; lr and betas stay the config's (a
+        """Restores the optimizer moments, the scaler and the EMA; lr and betas stay the config's (a
         resumed run with --optim.lr_d=... must train with that lr, as its log says). Returns
         the hyperparameters that differ from the checkpoint's, for the log."""
         changed = []
@@ -170,4 +181,8 @@ class TrainStep:
                 group["betas"] = betas
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            changed += filter(None, [self.ema.load_state_dict(state)])
+        elif "G_ema" in state:
+            changed.append("ema off (the checkpoint's EMA generator is not kept)")
         return changed

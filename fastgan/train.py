@@ -137,10 +137,11 @@ def _write_samples(cfg, d, G, z, iteration: int, log: RunLog) -> None:
     distrib.broadcast_buffers(d, G)
     if not d.main:
         return
+    training = G.training
     G.eval()
     with torch.no_grad():
         fake = G(z)
-    G.train()
+    G.train(training)
     nrow = max(1, math.isqrt(cfg.num_samples))
     grid = images.make_grid(fake, nrow=nrow)
     images.save_png(grid, Path(cfg.work_dir) / "training_samples" / f"iter_{iteration}.png")
@@ -197,7 +198,7 @@ def _restore(state: dict, d, G, D, step: TrainStep, noise_gen, log: RunLog) -> N
                             f"(checkpoint: {state['config'].get('model')}):\n{e}") from None
     changed = step.load_state_dict(state)
     if changed:
-        log.say(f"optimizer settings from the config, not the checkpoint: {', '.join(changed)}")
+        log.say(f"settings from the config, not the checkpoint: {', '.join(changed)}")
     rng = state.get("rng") or []
     if len(rng) == d.world_size:
         checkpoint.set_rng_state(rng[d.rank])
@@ -207,13 +208,24 @@ def _restore(state: dict, d, G, D, step: TrainStep, noise_gen, log: RunLog) -> N
                 "the run continues, but not bit-identical to an uninterrupted one")
 
 
-def _finish(cfg, d, G, fixed_z, iteration: int, log: RunLog) -> None:
-    """Final sample grid and generator.safetensors (also after a kill between them)."""
+def _init_from(cfg, G, D, found, log: RunLog) -> None:
+    """init_from: a new run from another checkpoint's G and D; a run that already has checkpoints
+    resumes from them instead (init_from only ever starts a run)."""
+    if found:
+        log.say(f"init_from={cfg.init_from} ignored: resuming from {found[0]}")
+        return
+    source = checkpoint.init_networks(cfg.init_from, G, D, log=log.say)
+    log.say(f"G and D initialised from {cfg.init_from} ({source}); fresh optimizers, iteration 0")
+
+
+def _finish(cfg, d, G, fixed_z, iteration: int, log: RunLog, ema: bool = False) -> None:
+    """Final sample grid and generator.safetensors (also after a kill between them); G is the EMA
+    generator when `ema`."""
     work = Path(cfg.work_dir)
     if not (work / "training_samples" / f"iter_{iteration}.png").is_file():
         _write_samples(cfg, d, G, fixed_z, iteration, log)
     if d.main:
-        checkpoint.save_generator(G, cfg, work / "generator.safetensors")
+        checkpoint.save_generator(G, cfg, work / "generator.safetensors", ema=ema)
 
 
 def _read_losses(d, acc: torch.Tensor, count: int, iteration: int, log: RunLog,
@@ -261,14 +273,22 @@ def train(cfg, d: distrib.Dist, resume: str | None = None) -> int:
         path, state = found
         start, best = state["iteration"], state.get("best")
         if start >= cfg.total_iters:
-            G.load_state_dict(state["G"])
-            _finish(cfg, d, G, fixed_z, start, log)
+            ema = cfg.ema.enabled and "G_ema" in state
+            G.load_state_dict(state["G_ema" if ema else "G"])
+            _finish(cfg, d, G, fixed_z, start, log, ema=ema)
             log.say(f"{work} already finished: {path.name} is at iteration {start} "
                     f"(total_iters={cfg.total_iters}). Raise --total_iters to train further.")
             log.close()
             return start
+    if cfg.init_from:
+        _init_from(cfg, G, D, found, log)
     from fastgan.graph import build_step     # the CUDA-graph step where it applies; logs which runs
     step = build_step(cfg, G, D, d.device, distributed=d.enabled, log=log.say)
+    G_out = G if step.ema is None else step.ema.module      # draws samples, evaluations, generator.safetensors
+    if step.ema is not None:
+        e = cfg.ema
+        log.say(f"ema: half-life {e.half_life_kimg:g} kimg, ramp-up {e.rampup}, from iteration {e.start_iter}; "
+                "samples, evaluation and generator.safetensors use the EMA generator")
     if found:
         _restore(state, d, G, D, step, noise_gen, log)
         del state
@@ -311,7 +331,7 @@ def train(cfg, d: distrib.Dist, resume: str | None = None) -> int:
                     f"(fake {losses['loss_d_fake']:.4f}, real {losses['loss_d_real']:.4f})  "
                     f"loss_g {losses['loss_g']:.4f}  {img_s:,.1f} img/s")
         if done % cfg.sample_interval == 0 or final:
-            _write_samples(cfg, d, G, fixed_z, done, log)
+            _write_samples(cfg, d, G_out, fixed_z, done, log)
         if evaluator is not None and (done % cfg.eval_interval == 0 or final):
             best = _evaluate(cfg, d, G, D, step, noise_gen, evaluator, LOWER_IS_BETTER, done, best, log)
         if ckpt_now:
@@ -320,19 +340,22 @@ def train(cfg, d: distrib.Dist, resume: str | None = None) -> int:
             if path:
                 log.say(f"saved {path}")
     progress.close()
-    _finish(cfg, d, G, fixed_z, cfg.total_iters, log)
+    _finish(cfg, d, G_out, fixed_z, cfg.total_iters, log, ema=step.ema is not None)
     log.say(f"done: {work / 'generator.safetensors'}")
     log.close()
     return cfg.total_iters
 
 
 def _evaluate(cfg, d, G, D, step, noise_gen, evaluator, lower_is_better, iteration, best, log):
-    """Metrics every eval_interval; ckpt/best.pt follows cfg.eval.best_metric."""
-    distrib.broadcast_buffers(d, G)
-    G.eval()
+    """Metrics every eval_interval (of the EMA generator when there is one); ckpt/best.pt follows
+    cfg.eval.best_metric."""
+    G_eval = G if step.ema is None else step.ema.module
+    distrib.broadcast_buffers(d, G_eval)
+    training = G_eval.training
+    G_eval.eval()
     with torch.no_grad():
-        results = evaluator(G)
-    G.train()
+        results = evaluator(G_eval)
+    G_eval.train(training)
     log.record({"iter": iteration, **{f"eval/{k}": v for k, v in results.items()}, "time": time.time()})
     log.say(f"eval at {iteration}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
     name = cfg.eval.best_metric

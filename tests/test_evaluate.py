@@ -78,7 +78,7 @@ def test_scores_are_repeatable_and_follow_the_generator(tmp_path):
     first, again = ev(G), ev(G)
     assert first == again                                    # fixed noise, seeded patches and directions
     with torch.no_grad():
-        G.to_rgb.conv.weight.mul_(3)
+        G.output_layer.conv.weight.mul_(3)
     assert ev(G)["swd"] != first["swd"]
 
 

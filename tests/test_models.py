@@ -58,16 +58,27 @@ def test_counts_and_shapes(preset, resolution, channels):
 def test_module_names_follow_mmgen():
     G, D = build(ModelConfig(preset="mmgen", resolution=64, channels=3))
     g_keys, d_keys = set(G.state_dict()), set(D.state_dict())
-    for key in ("noise2feat.conv.weight", "noise2feat.bn.running_mean", "upsampling.2.bn.weight",
-                "to_rgb.conv.weight", "to_rgb.conv.bias"):
-        assert key in g_keys
-    for key in ("img2feat.conv.weight", "img2feat.conv.bias", "downsampling.0.bn.running_var",
-                "decision.conv.weight", "decision.conv.bias"):
-        assert key in d_keys
+    # MMGeneration's keys and shapes exactly (its DCGANGenerator / DCGANDiscriminator at 64x64x3).
+    g_shapes = {k: list(v.shape) for k, v in G.state_dict().items()}
+    d_shapes = {k: list(v.shape) for k, v in D.state_dict().items()}
+    assert g_shapes["noise2feat.conv.weight"] == [100, 1024, 4, 4]
+    assert g_shapes["output_layer.conv.weight"] == [128, 3, 4, 4] and g_shapes["output_layer.conv.bias"] == [3]
+    assert d_shapes["downsamples.0.conv.weight"] == [128, 3, 4, 4] and d_shapes["downsamples.0.conv.bias"] == [128]
+    assert d_shapes["downsamples.1.bn.running_var"] == [256]
+    assert d_shapes["output_layer.conv.weight"] == [1, 1024, 4, 4] and d_shapes["output_layer.conv.bias"] == [1]
+    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    assert list(g_keys) and g_keys == {"noise2feat.conv.weight", *(f"noise2feat.bn.{n}" for n in bn),
+                                       *(f"upsampling.{i}.conv.weight" for i in range(3)),
+                                       *(f"upsampling.{i}.bn.{n}" for i in range(3) for n in bn),
+                                       "output_layer.conv.weight", "output_layer.conv.bias"}
+    assert d_keys == {"downsamples.0.conv.weight", "downsamples.0.conv.bias",
+                      *(f"downsamples.{i}.conv.weight" for i in range(1, 4)),
+                      *(f"downsamples.{i}.bn.{n}" for i in range(1, 4) for n in bn),
+                      "output_layer.conv.weight", "output_layer.conv.bias"}
     assert [b.conv.out_channels for b in G.blocks()] == [1024, 512, 256, 128, 3]
     assert [b.conv.out_channels for b in D.blocks()] == [128, 256, 512, 1024, 1]
     # Convs followed by BN carry no bias (DESIGN.md).
-    assert all(b.conv.bias is None for b in [G.noise2feat, *G.upsampling, *D.downsampling])
+    assert all(b.conv.bias is None for b in [G.noise2feat, *G.upsampling, *D.downsamples[1:]])
     slopes = {b.slope for b in D.blocks() if b.act == "leaky_relu"}
     assert slopes == {0.01}
 

@@ -1,0 +1,120 @@
+"""Export a trained generator to ONNX.
+
+    python fastgan/export.py CONFIG CKPT [--out generator.onnx] [--raw] [--opset 18]
+
+CKPT: anything sample.py takes (ckpt/iter_N.pt, generator.safetensors, a work_dir, an MMGeneration
+or MMagic DCGAN .pth, converted to RGB). The EMA generator when the file has one; --raw for the
+trained one. G runs in eval mode (BatchNorm from its running statistics) on the reference
+(plain torch) modules; the batch size is dynamic.
+
+The model: input "z" float32 (N, noise_size), output "images" float32 (N, channels, R, R) in
+[-1, 1], RGB. Needs `pip install -e ".[onnx]"`. When onnxruntime is installed the exported file
+is run once against torch and the largest difference is printed.
+"""
+
+import os
+import sys
+
+if sys.path and os.path.abspath(sys.path[0] or os.curdir) == os.path.dirname(os.path.abspath(__file__)):
+    del sys.path[0]      # run as a file: fastgan/ must not shadow other modules
+
+try:
+    import fastgan  # noqa: F401
+except ImportError:
+    sys.exit("fastgan is not installed: run `pip install -e .` in the repository root")
+
+import argparse
+import importlib.util
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from fastgan import config as config_mod
+from fastgan.checkpoint import CheckpointError, load_generator
+
+DEFAULT_OPSET = 18
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python fastgan/export.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="config file (.py) or a work_dir's config.json")
+    p.add_argument("ckpt", help="ckpt/iter_N.pt, generator.safetensors, a work_dir, or an MMGeneration .pth")
+    p.add_argument("--out", default="generator.onnx", help="ONNX file to write (default generator.onnx)")
+    p.add_argument("--raw", action="store_true", help="the trained generator, not its EMA (when the file has one)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    return p.parse_args(argv)
+
+
+def _check_exporter() -> None:
+    missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise RuntimeError(f"ONNX export needs {' and '.join(missing)}: pip install -e \".[onnx]\"")
+
+
+def export(G: torch.nn.Module, out: str | Path, opset: int = DEFAULT_OPSET) -> Path:
+    """G (eval mode, torch backend) to `out`, batch dimension dynamic; written whole or not at all."""
+    _check_exporter()
+    G = G.eval()
+    z = torch.randn(2, G.noise_size)
+    batch = torch.export.Dim("batch", min=1)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_file = Path(tmp) / out.name
+        # The exporter warns about torchvision ops a DCGAN never uses and about pytree internals;
+        # fastgan's own line says what was written.
+        exporter_log = logging.getLogger("torch.onnx")
+        level = exporter_log.level
+        exporter_log.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                program = torch.onnx.export(G, (z,), dynamo=True, input_names=["z"], output_names=["images"],
+                                            dynamic_shapes={"z": {0: batch}}, opset_version=opset, verbose=False)
+        finally:
+            exporter_log.setLevel(level)
+        program.save(str(tmp_file), external_data=False)     # one file: G is far below protobuf's 2 GB
+        os.replace(tmp_file, out)
+    return out
+
+
+def check(G: torch.nn.Module, path: str | Path, batch: int = 3, seed: int = 0) -> float | None:
+    """Largest |onnxruntime - torch| on `batch` random noise vectors; None without onnxruntime."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        return None
+    import onnxruntime as ort
+    z = torch.randn(batch, G.noise_size, generator=torch.Generator().manual_seed(seed))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(["images"], {"z": z.numpy()})[0]
+    with torch.no_grad():
+        want = G.eval()(z)
+    return float((torch.from_numpy(got) - want).abs().max())
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as e:
+        sys.exit(f"config error: {e}")
+    try:
+        _check_exporter()       # before reading a checkpoint of maybe hundreds of MB
+        G = load_generator(args.ckpt, cfg, device="cpu", backend="torch", raw=args.raw, log=print)
+        out = export(G, args.out, args.opset)
+    except (CheckpointError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+    m = cfg.model
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, opset {args.opset}): "
+          f"z (N, {G.noise_size}) -> images (N, {m.channels}, {m.resolution}, {m.resolution}) in [-1, 1], RGB")
+    diff = check(G, out)
+    if diff is not None:
+        print(f"onnxruntime vs torch on 3 noise vectors: max |difference| {diff:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
