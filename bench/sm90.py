@@ -17,7 +17,7 @@ the ptxas that ships in Triton's wheel, and read back with its cuobjdump:
 Exit status 1 if a kernel fails to build or exceeds the shared-memory limit (a launch on the GPU
 would fail with "out of resources"). Exit status 2 if this triton wheel has no ptxas/cuobjdump to build with.
 This is the build this machine's triton makes; the device image's may allocate differently, so
-the GPU run (bench/gpu_session.sh) has the last word.
+the GPU run (bench/gpu_check.sh) has the last word.
 """
 
 from __future__ import annotations
