@@ -44,7 +44,8 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 # (bf16 in the interpreter is slow) and one case each: every fused iteration there takes seconds.
 SHAPE = dict(resolution=64, base_channels=None, batch=128) if CUDA else dict(resolution=32, base_channels=4, batch=2)
 AMP = "bf16" if CUDA else "fp32"
-CASES = [(p, m) for p in ("mmgen", "pytorch_examples") for m in ("bf16", "tf32", "ieee")] if CUDA else [("mmgen", "ieee")]
+CASES = ([(p, m) for p in ("mmgen", "pytorch_examples") for m in ("bf16", "tf32", "ieee")] if CUDA
+         else [("mmgen", "ieee")])
 
 
 def save(path: Path, data: dict) -> None:
@@ -57,7 +58,8 @@ def log(msg: str) -> None:
 
 def config(preset: str, amp: str, **kw) -> Config:
     cfg = Config(recipe=preset, amp=amp, batch_size=SHAPE["batch"], num_samples=16, **kw)
-    cfg.model.preset, cfg.model.resolution, cfg.model.base_channels = preset, SHAPE["resolution"], SHAPE["base_channels"]
+    cfg.model.preset = preset
+    cfg.model.resolution, cfg.model.base_channels = SHAPE["resolution"], SHAPE["base_channels"]
     return cfg
 
 

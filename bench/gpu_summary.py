@@ -110,7 +110,8 @@ def _learned(run: Path, log: Path, grid: Path) -> dict | None:
     return {"iterations": max((e.get("iter", 0) for e in entries), default=0),
             "img_per_s": steady[len(steady) // 2] if steady else None,
             "elapsed_s": max((e.get("elapsed_s", 0) for e in entries), default=None),
-            "losses": {k: v for k, v in (speeds and entries[-1] or {}).items() if k.startswith("loss")},
+            "losses": {k: v for k, v in next((e for e in reversed(entries) if "loss_d" in e), {}).items()
+                       if k.startswith("loss")},
             "eval": {k[5:]: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval/")},
             "self_check": next((ln for ln in lines if "self-check" in ln), None),
             "backend": next((ln for ln in lines if ln.startswith("backend ")), None),
@@ -139,62 +140,81 @@ def _fmt(x, spec="{:.3g}"):
     return "-" if x is None else spec.format(x)
 
 
+def _env_line(summary: dict) -> str:
+    e = summary.get("env") or {}
+    return (f"{e.get('device')}, {e.get('sms', '-')} SMs, sm {e.get('capability', '-')}, "
+            f"driver {e.get('driver', '-')}; torch {e.get('torch')}, triton {e.get('triton')}; "
+            f"bf16 peak {_fmt(e.get('peak_bf16_tflops'))} TFLOP/s, copy {_fmt(e.get('copy_gb_s'))} GB/s")
+
+
+def _correct_line(summary: dict) -> str:
+    c, t = summary.get("correct") or {}, summary.get("pytest")
+    cases = c.get("cases", [])
+    bad = [f"FAILED {x['preset']} {x['mode']}: {x['why']}" for x in cases if not x["ok"]]
+    measured = [x for x in cases if "grads" in x]
+    line = f"self-check {len(cases) - len(bad)}/{len(cases)} ok"
+    if measured:
+        w = max(measured, key=lambda x: x["grads"]["err"] / x["grads"]["bound"])
+        line += f" (closest to its bound: {w['preset']} {w['mode']} grads {w['grads']['err']:.2g} " \
+                f"of {w['grads']['bound']:.2g})"
+    parts = [line, *bad]
+    g = c.get("graph_vs_eager")
+    if g:
+        parts.append(f"graph vs eager {'ok' if g.get('ok') else 'FAILED'} ({_fmt(g.get('max_loss_diff'))} <= "
+                     f"{g.get('bound')}, captured {g.get('captured')})")
+    if t:
+        parts.append(f"pytest {t['passed']} passed, {len(t['failed'])} failed, {t['skipped']} skipped"
+                     + (f": {', '.join(t['failed'][:4])}" if t["failed"] else ""))
+    return "; ".join(parts)
+
+
+def _throughput_line(summary: dict, key: str) -> str:
+    table = summary.get("throughput") or {}
+    rows = table.get("rows", [])
+    line = f"{len(rows)} rows in {table.get('file', '-')}"
+    fast = next((r for r in rows if (r["variant"], r["batch"], r["mode"]) == ("fastgan", 128, "train")
+                 and r.get("ms_per_iter")), None)
+    if key == "c" and fast:
+        line += (f"; fastgan train b128 {fast['ms_per_iter']:.2f} ms/iter, {fast['img_per_s']:,.0f} img/s, "
+                 f"{_fmt(fast.get('speedup_vs_eager'), '{:.2f}')}x eager fp32")
+    prof = summary.get("profile")
+    if key == "e" and prof:
+        top = ", ".join(f"{k['name'][:40]} {k['us'] / 1e3:.2f} ms" for k in prof["top"][:2])
+        line = f"replay {prof['total_us'] / 1e3:.2f} ms of kernels; top: {top}; {line}"
+    return line
+
+
+def _learn_line(summary: dict) -> str:
+    parts = []
+    for b, r in (summary.get("learn") or {}).items():
+        if r:
+            parts.append(f"{b}: {_fmt(r['img_per_s'], '{:,.0f}')} img/s, SWD {_fmt(r['eval'].get('swd'), '{:.2f}')}"
+                         f" after {r['iterations']} it" + (f" ({r['error'][:80]})" if r.get("error") else ""))
+    return "; ".join(parts)
+
+
 def _stage_line(key: str, summary: dict) -> str:
     if key == "a":
-        e = summary.get("env") or {}
-        return (f"{e.get('device')}, {e.get('sms', '-')} SMs, sm {e.get('capability', '-')}, driver {e.get('driver', '-')}; "
-                f"torch {e.get('torch')}, triton {e.get('triton')}; bf16 peak {_fmt(e.get('peak_bf16_tflops'))} TFLOP/s, "
-                f"copy {_fmt(e.get('copy_gb_s'))} GB/s")
+        return _env_line(summary)
     if key == "b":
-        c, t = summary.get("correct") or {}, summary.get("pytest")
-        cases = c.get("cases", [])
-        bad = [f"{x['preset']} {x['mode']}: {x['why']}" for x in cases if not x["ok"]]
-        worst = max(cases, key=lambda x: x["grads"]["err"] / x["grads"]["bound"], default=None) if cases and \
-            all("grads" in x for x in cases) else None
-        g = c.get("graph_vs_eager") or {}
-        parts = [f"self-check {len(cases) - len(bad)}/{len(cases)} ok" + (f" (closest to its bound: {worst['preset']} "
-                 f"{worst['mode']} grads {worst['grads']['err']:.2g} of {worst['grads']['bound']:.2g})" if worst else "")]
-        parts += [f"FAILED {b}" for b in bad]
-        if g:
-            parts.append(f"graph vs eager {'ok' if g.get('ok') else 'FAILED'} ({_fmt(g.get('max_loss_diff'))} <= 1e-3, "
-                         f"captured {g.get('captured')})")
-        if t:
-            parts.append(f"pytest {t['passed']} passed, {len(t['failed'])} failed, {t['skipped']} skipped"
-                         + (f": {', '.join(t['failed'][:4])}" if t["failed"] else ""))
-        return "; ".join(parts)
-    if key == "c" or key == "e":
-        rows = (summary.get("throughput") or {}).get("rows", [])
-        fast = next((r for r in rows if r["variant"] == "fastgan" and r["batch"] == 128 and r["mode"] == "train"), None)
-        line = f"{len(rows)} rows in {(summary.get('throughput') or {}).get('file', '-')}"
-        if key == "c" and fast and fast.get("ms_per_iter"):
-            line += (f"; fastgan train b128 {fast['ms_per_iter']:.2f} ms/iter, {fast['img_per_s']:,.0f} img/s, "
-                     f"{_fmt(fast.get('speedup_vs_eager'), '{:.2f}')}x eager fp32")
-        if key == "e" and summary.get("profile"):
-            top = summary["profile"]["top"][:2]
-            line = (f"replay {summary['profile']['total_us'] / 1e3:.2f} ms of kernels; top: "
-                    + ", ".join(f"{k['name'][:40]} {k['us'] / 1e3:.2f} ms" for k in top) + "; " + line)
-        return line
+        return _correct_line(summary)
     if key == "d":
-        parts = []
-        for b, r in (summary.get("learn") or {}).items():
-            if r:
-                parts.append(f"{b}: {_fmt(r['img_per_s'], '{:,.0f}')} img/s, SWD {_fmt(r['eval'].get('swd'), '{:.2f}')} "
-                             f"after {r['iterations']} it" + (f" ({r['error'][:80]})" if r.get("error") else ""))
-        return "; ".join(parts)
-    return ""
+        return _learn_line(summary)
+    return _throughput_line(summary, key)
 
 
 def markdown(summary: dict) -> str:
     dry = " (DRY RUN: toy sizes on the CPU)" if summary["dry_run"] else ""
     lines = [f"## fastgan GPU check: {summary.get('device')}, {summary['started']}{dry}",
-             f"{summary.get('elapsed_s', '-')} s of a {summary['budget_s']:.0f} s budget ({summary['setup_s']} s set-up)",
+             f"{summary.get('elapsed_s', '-')} s of a {summary['budget_s']:.0f} s budget "
+             f"({summary['setup_s']} s set-up)",
              "", "| stage | status | planned s | used s | result |", "|---|---|---|---|---|"]
     for key, st in summary["stages"].items():
-        statuses = {s["status"] for s in st["steps"].values()}
-        status = "ok" if statuses == {"ok"} else ", ".join(f"{n}: {s['status']}" for n, s in st["steps"].items()
-                                                              if s["status"] != "ok")
-        used = sum(s.get("seconds", 0) for s in st["steps"].values())
-        lines.append(f"| {key} {st['title']} | {status} | {st['planned_s']:.0f} | {used:.0f} | {_stage_line(key, summary)} |")
+        steps = st["steps"]
+        status = ", ".join(f"{n}: {s['status']}" for n, s in steps.items() if s["status"] != "ok") or "ok"
+        used = sum(s.get("seconds", 0) for s in steps.values())
+        lines.append(f"| {key} {st['title']} | {status} | {st['planned_s']:.0f} | {used:.0f} | "
+                     f"{_stage_line(key, summary)} |")
     cache, stats = summary.get("triton_cache") or {}, summary.get("triton_stats") or {}
     hits, compiled = sum(s["hits"] for s in stats.values()), sum(s["compiled"] for s in stats.values())
     secs, other = sum(s["compile_s"] for s in stats.values()), sum(s["other"] for s in stats.values())
@@ -205,19 +225,20 @@ def markdown(summary: dict) -> str:
                  f"({secs:.0f} s); {other} other kernels compiled in-process |")
     rows = (summary.get("throughput") or {}).get("rows", [])
     if rows:
-        lines += ["", "| variant | batch | mode | ms/iter | img/s | vs eager fp32 | parity (bound) | first call s |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| variant | batch | mode | ms/iter | img/s | vs eager fp32 | parity (bound) | first call s "
+                      "| note |", "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
+            note = (r.get("error") or r.get("parity_error") or "")[:80].replace("|", "/")
             lines.append(f"| {r['variant']} | {r['batch']} | {r['mode']} | {_fmt(r.get('ms_per_iter'), '{:.3f}')} | "
                          f"{_fmt(r.get('img_per_s'), '{:,.0f}')} | {_fmt(r.get('speedup_vs_eager'), '{:.2f}')} | "
                          f"{_fmt(r.get('parity_max_rel_err'), '{:.1e}')} ({_fmt(r.get('parity_bound'), '{:.0e}')}) | "
-                         f"{_fmt(r.get('first_call_s'), '{:.0f}')} |" + (f" {r['error'][:60]}" if r.get("error") else ""))
+                         f"{_fmt(r.get('first_call_s'), '{:.0f}')} | {note} |")
         for g in (summary.get("throughput") or {}).get("targets", []):
             lines.append(f"- {'met' if g['met'] else 'MISSED'}: {g['target']} {g['value']} (goal >= {g['goal']})")
     return "\n".join(lines) + "\n"
 
 
-def finish(summary: dict, work: Path, out: Path, final: bool) -> str:
+def finish(summary: dict, work: Path, out: Path) -> str:
     """summary.json, summary.md and logs.tar.gz into out (each replaced whole); the markdown."""
     text = markdown(summary)
     _write(out / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")

@@ -387,10 +387,10 @@ def main(argv=None) -> int:
     if args.cmd == "prepare":
         out = prepare(folder, args.pack)
         differ = out.get("differ", {})
-        print(f"triton cache {folder}: " + (out.get("why") or
-              f"{out['kernels']} kernels, {out['size_mib']} MiB, {out['relocated']} relocated; key inputs "
-              + ("all as built" if not differ else "DIFFER: " + "; ".join(
-                  f"{k} built {v['built']} here {v['here']}" for k, v in differ.items()))), flush=True)
+        inputs = "all as built" if not differ else "DIFFER: " + "; ".join(
+            f"{k} built {v['built']} here {v['here']}" for k, v in differ.items())
+        print(f"triton cache {folder}: " + (out.get("why") or f"{out['kernels']} kernels, {out['size_mib']} MiB, "
+                                            f"{out['relocated']} relocated; key inputs {inputs}"), flush=True)
         if args.json:
             args.json.write_text(json.dumps(out, indent=1))
         if args.build_if_stale and (differ or not out["carried"]):

@@ -18,6 +18,8 @@ backend=auto: a failed parity (or a kernel that raises) trains on the torch back
 alone trains on the eager step (no CUDA graph, no compile). Either way the log says why in one line.
 backend=triton: a failure raises SelfCheckError, one line for the user, no traceback.
 Under torchrun every rank checks its own GPU and all ranks take the most cautious outcome.
+A kernel that corrupts the CUDA context (an illegal address) cannot be recovered from in-process:
+the run then stops with CUDA's error, as it would have in its first iteration.
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ def test_dry_run_runs_every_stage_and_returns_what_a_session_commits(tmp_path):
     assert proc.returncode == 0, text[-4000:] + proc.stderr[-2000:]
 
     # the planned budget first, the summary table last (the device tool returns the output's tail)
-    lines = text.splitlines()
-    assert lines[1].startswith("planned device time") and "a environment" in text.split("[a]")[0]
+    before = text.split("\n[a] ")[0]
+    assert "\nplanned device time" in before and "a environment" in before and "d-torch" in before
     assert text.rstrip().endswith((out / "summary.md").read_text().rstrip())
 
     # at most 8 files with plain names, at most 2 folders deep: what the device tool brings back
