@@ -5,9 +5,9 @@
     bash bench/gpu_check.sh --only d,e     # some stages (a second call after a first one ran out)
 
 Stages in priority order, each step a process of its own in a time box (killed with its children at
-the end of the box): what a step writes reaches $OUT as soon as it exists, and the summary
-(summary.json, summary.md, 7 files in all: the device tool brings back at most 8) is rewritten after
-every step and printed last, so a call that runs out of time still returns everything it finished.
+the end of the box). What a step has written is copied to $OUT every 15 s while it runs and when it
+ends, and the summary (summary.json, summary.md; 7 files in all: the device tool brings back at most
+8) is rewritten each time and printed last, so a call cut short still returns what it finished.
 
   a  environment: GPU, SMs, driver, versions, bf16 matmul peak and copy bandwidth measured here;
      the carried Triton cache relocated and its key inputs compared (bench/triton_cache.py)
@@ -45,6 +45,7 @@ from gpu_summary import collect, finish  # noqa: E402
 CONFIG = "configs/dcgan/dcgan_celeba-cropped_64_b128x1_300k.py"
 SUMMARY_RESERVE = 15        # seconds kept for the last summary, the tar and the processes' exit
 MIN_BOX = 5                 # a step with less time than this is skipped, not started
+REFRESH_S = 15              # while a step runs, its results so far reach $OUT this often
 PYTEST_CUDA = ("replay or sync or nccl or cross_between or tf32 or one_training_iteration or fifty")
 
 
@@ -161,18 +162,25 @@ def print_plan(stages: list, budget: float, setup: float) -> None:
 # ---------------------------------------------------------------------------------------------
 # running a step in its box
 
-def run_step(step: Step, box: float, log_path: Path, env: dict) -> dict:
-    """Run step.cmd with stdout and stderr to log_path, killed with its process group after `box` s."""
+def run_step(step: Step, box: float, log_path: Path, env: dict, tick=None, every: float = REFRESH_S) -> dict:
+    """Run step.cmd with stdout and stderr to log_path, killed with its process group after `box` s;
+    tick() every `every` seconds meanwhile (what the step has written so far goes to $OUT)."""
     t0 = time.monotonic()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(step.cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
-        try:
-            rc = proc.wait(timeout=box)
-            status = "ok" if rc == 0 else f"failed (exit {rc})"
-        except subprocess.TimeoutExpired:
-            _kill(proc)
-            rc, status = None, f"timeout ({box:.0f} s)"
+        rc = None
+        while rc is None:
+            left = box - (time.monotonic() - t0)
+            if left <= 0:
+                _kill(proc)
+                break
+            try:
+                rc = proc.wait(timeout=min(every, left))
+            except subprocess.TimeoutExpired:
+                if tick is not None:
+                    tick()
+    status = f"timeout ({box:.0f} s)" if rc is None else "ok" if rc == 0 else f"failed (exit {rc})"
     return {"status": status, "seconds": round(time.monotonic() - t0, 1), "box_s": round(box, 1)}
 
 
@@ -247,6 +255,10 @@ def main(argv=None) -> int:
     print_plan(stages, args.budget, summary["setup_s"])
     env = environment(work, dry)
     only = set(args.only.replace(",", ""))
+
+    def refresh(key):               # what stage `key` has written so far -> summary and $OUT
+        collect(summary, key, work, out, date)
+        finish(summary, work, out)
     for i, stage in enumerate(stages):
         if stage.key not in only:
             continue
@@ -261,13 +273,12 @@ def main(argv=None) -> int:
                 print(f"[{stage.key}] {step.name}: skipped, {box:.0f} s left for it", flush=True)
                 continue
             print(f"[{stage.key}] {step.name}: up to {box:.0f} s (planned {step.planned:.0f})", flush=True)
-            res = run_step(step, box, work / "logs" / f"{step.name}.log", env)
+            res = run_step(step, box, work / "logs" / f"{step.name}.log", env, lambda: refresh(stage.key))
             record["steps"][step.name] = res
             print(f"[{stage.key}] {step.name}: {res['status']} in {res['seconds']:.0f} s", flush=True)
             if res["status"] != "ok":
                 print(tail(work / "logs" / f"{step.name}.log"), flush=True)
-            collect(summary, stage.key, work, out, date)
-            finish(summary, work, out)
+            refresh(stage.key)
         record["seconds"] = round(sum(s.get("seconds", 0) for s in record["steps"].values()), 1)
     summary["elapsed_s"] = round(time.time() - started, 1)
     print(finish(summary, work, out), flush=True)

@@ -57,14 +57,16 @@ def test_dry_run_runs_every_stage_and_returns_what_a_session_commits(tmp_path):
 
 def test_a_step_past_its_box_is_killed_with_its_children(tmp_path):
     """A step that overruns is stopped at the end of its box, children included (inductor's compile
-    workers, DataLoader workers), and recorded as a timeout; the check goes on."""
+    workers, DataLoader workers), and recorded as a timeout; the check goes on. While it ran, its
+    results so far were copied out (tick) every second here, every 15 s in a real check."""
     pid_file = tmp_path / "child.pid"
     code = ("import subprocess, sys, time; c = subprocess.Popen(['sleep', '300']); "
             f"open({str(pid_file)!r}, 'w').write(str(c.pid)); time.sleep(300)")
     step = gpu_check.Step("sleeper", [sys.executable, "-c", code], planned=1)
     t0 = time.monotonic()
-    res = gpu_check.run_step(step, 3, tmp_path / "sleeper.log", dict(os.environ))
-    assert res["status"] == "timeout (3 s)" and time.monotonic() - t0 < 30
+    ticks = []
+    res = gpu_check.run_step(step, 3, tmp_path / "sleeper.log", dict(os.environ), lambda: ticks.append(1), every=1)
+    assert res["status"] == "timeout (3 s)" and time.monotonic() - t0 < 30 and len(ticks) >= 2
     child = int(pid_file.read_text())
     for _ in range(50):                      # the child is gone (or a zombie about to be reaped by init)
         try:
