@@ -286,9 +286,16 @@ def main(argv=None) -> int:
 
 
 def _has_cuda() -> bool:
-    """Whether a GPU is visible, without importing torch into this process (nvidia-smi -L)."""
+    """Whether a GPU is visible, without importing torch into this process: nvidia-smi -L, or where
+    there is no nvidia-smi, torch asked in a child process."""
     try:
         return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        ask = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                             capture_output=True, text=True, timeout=120)
+        return ask.stdout.strip().endswith("True")
     except (OSError, subprocess.SubprocessError):
         return False
 

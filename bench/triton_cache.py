@@ -1,13 +1,15 @@
 """Triton's compile cache for bench/gpu_check.sh, built without a GPU and carried to the GPU machine.
 
 Compiling fastgan's kernels for sm_90 takes ~1-6 s each (bench/sm90.py times them); the GPU check
-launches ~200 distinct ones, and a lease is 15 minutes. Triton keys its cache on what it compiles
+launches 295 distinct ones outside torch.compile, and a lease is 15 minutes. Triton keys its cache on what it compiles
 and what it compiles with, none of which needs a GPU, so the cache is built here and carried:
 
-    python bench/triton_cache.py build              # -> .triton-cache/ (git-ignored), in a Python 3.12 venv
-                                                    #    with triton 3.6.0 (the GPU machine's versions)
-    python bench/triton_cache.py prepare            # on the GPU machine, first: point the cache at where
-                                                    #    it lies now and compare every input of the key
+    python bench/triton_cache.py build              # -> .triton-cache/ and .triton-cache.tar.gz (carried;
+                                                    #    both git-ignored), in a Python 3.12 venv with
+                                                    #    triton 3.6.0 (the GPU machine's versions)
+    python bench/triton_cache.py prepare            # on the GPU machine, first: unpack, point the cache at
+                                                    #    where it lies now, compare every input of the key
+                                                    #    (--build-if-stale: build there if one differs)
     python bench/triton_cache.py run --stats FILE [--tag T] -- SCRIPT ARGS... | -m MODULE ARGS...
                                                     # run a program, counting its kernels found in the
                                                     #    cache and compiled (Triton's compilation listener)
@@ -25,7 +27,7 @@ runtime/cache.py get_cache_key(): triton_key()-src.hash()-backend.hash()-options
                      triton's wheel, target GPUTarget("cuda", 90, 32); the check pins TRITON_PTXAS_PATH
                      to it, since torch's inductor otherwise points it at torch's own ptxas mid-run
   options.hash()     num_warps, num_stages, debug, fp fusion, libdevice's bytes, ptxas options, arch
-  env vars           the cache-invalidating variables that are set (none, on both machines)
+  env vars           the cache-invalidating variables that are set (none here; `prepare` compares)
 The launcher (a C stub per argument signature, gcc -O3) is keyed on its source and the platform
 (runtime/build.py compile_module_from_src) and built here too, against a stub libcuda.so.1.
 Triton records absolute paths in each kernel's __grp__ file: `prepare` rewrites them. It also
