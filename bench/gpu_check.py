@@ -239,6 +239,9 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "fastgan-gpu-check")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/fastgan-gpu-check-out")))
     args = p.parse_args(argv)
+    only = set(args.only.replace(",", ""))
+    if not only or not only <= set("abcde"):
+        p.error(f"--only takes stage letters a-e (e.g. 'd,e'), got {args.only!r}")
     started = args.started or time.time()
     deadline = time.monotonic() + args.budget - (time.time() - started)
     dry = args.dry_run or not _has_cuda()
@@ -254,7 +257,6 @@ def main(argv=None) -> int:
           f"results in {out}", flush=True)
     print_plan(stages, args.budget, summary["setup_s"])
     env = environment(work, dry)
-    only = set(args.only.replace(",", ""))
 
     def refresh(key):               # what stage `key` has written so far -> summary and $OUT
         collect(summary, key, work, out, date)
