@@ -17,7 +17,7 @@ the ptxas that ships in Triton's wheel, and read back with its cuobjdump:
 Exit status 1 if a kernel fails to build or exceeds the shared-memory limit (a launch on the GPU
 would fail with "out of resources"). Exit status 2 if this triton wheel has no ptxas/cuobjdump to build with.
 This is the build this machine's triton makes; the device image's may allocate differently, so
-the GPU run (bench/gpu_session.sh) has the last word.
+the GPU run (bench/gpu_check.sh) has the last word.
 """
 
 from __future__ import annotations
@@ -140,17 +140,25 @@ def h100():
 
 
 def scenario(preset: str, batch: int, amp: str, mode: str, resolution: int, compile_backend: str = "",
-             deterministic: bool = False) -> list:
-    """The launches of one training iteration (recipe of the preset) or one sampling call.
+             deterministic: bool = False, base_channels: int | None = None, tf32: bool = True,
+             recipe: str | None = None) -> list:
+    """The launches of one training iteration (recipe of the preset unless given), one sampling
+    call (G in eval mode, no grad, under bf16 autocast when amp is bf16) or one training-mode G
+    forward without grad (mode "forward").
 
+    tf32: whether cuDNN may use TF32 on the GPU (torch's default; fastgan/fused.py then passes it
+    to every GEMM kernel, bf16 ones included); on CPU tensors the kernels are told IEEE, so the
+    recorded launches are set to what the GPU would pass.
     compile_backend="aot_eager": through torch.compile as on a GPU (the ops are triton_ops, the
     kernels wrap_triton calls that dynamo and AOT autograd trace), short of inductor's codegen."""
-    cfg = Config(recipe=preset, amp=amp, backend="triton", compile=bool(compile_backend))
-    cfg.model.preset, cfg.model.resolution = preset, resolution
+    cfg = Config(recipe=recipe or preset, amp=amp, backend="triton", compile=bool(compile_backend))
+    cfg.model.preset, cfg.model.resolution, cfg.model.base_channels = preset, resolution, base_channels
     G, D = build(cfg.model, "triton")
     G.deterministic = D.deterministic = deterministic
     launches: list = []
-    where = f"{preset} {mode} b{batch} {amp}" + (" deterministic" if deterministic else "")
+    where = (f"{preset} {mode} b{batch} {amp}" + ("" if tf32 or amp != "fp32" else " ieee")
+             + (f" w{base_channels}" if base_channels else "") + (f" {resolution}px" if resolution != 64 else "")
+             + (" deterministic" if deterministic else ""))
     step = TrainStep(cfg, G, D, torch.device("cpu"), compile_backend=compile_backend or "inductor")
 
     def sample(z):
@@ -164,12 +172,11 @@ def scenario(preset: str, batch: int, amp: str, mode: str, resolution: int, comp
         if mode == "train":
             step.step(torch.randn(batch, cfg.model.channels, resolution, resolution), z)
         else:
-            G.eval()
+            G.train(mode == "forward")
             sample(z[0])
-    if amp == "fp32":      # on a GPU fp32 GEMMs take tf32 as cuDNN would (fastgan/fused.py)
-        for launch in launches:
-            if launch.kwargs.get("PRECISION") == "ieee":
-                launch.kwargs["PRECISION"] = "tf32"
+    for launch in launches:
+        if "PRECISION" in launch.kwargs:
+            launch.kwargs["PRECISION"] = "tf32" if tf32 else "ieee"
     return launches
 
 

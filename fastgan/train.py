@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastgan import checkpoint, distrib, images
+from fastgan import checkpoint, distrib, images, selfcheck
 from fastgan import config as config_mod
 from fastgan.models import build, num_params, resolve_backend
 from fastgan.progress import Progress
@@ -261,6 +261,8 @@ def train(cfg, d: distrib.Dist, resume: str | None = None) -> int:
     G.deterministic = D.deterministic = cfg.deterministic
     G.to(d.device)
     D.to(d.device)
+    if backend == "triton" and d.device.type == "cuda":     # the fused kernels prove themselves first
+        cfg, backend = selfcheck.settle(cfg, d, G, D, log.say)
     log.say(f"backend {backend} on {d.device} x{d.world_size}, amp {cfg.amp}, compile {cfg.compile}; "
             f"G {num_params(G):,} params, D {num_params(D):,} params")
     _seed_everything(cfg.seed + d.rank)        # everything random after init differs per rank
@@ -378,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     d = distrib.setup(device)
     try:
         train(cfg, d, resume)
-    except (TrainingError, checkpoint.CheckpointError) as e:
+    except (TrainingError, checkpoint.CheckpointError, selfcheck.SelfCheckError) as e:
         sys.exit(f"error: {e}")
     finally:
         distrib.cleanup()

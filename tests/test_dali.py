@@ -133,3 +133,21 @@ def test_quickstart_runs_through_the_dali_loader(tmp_path):
         assert batch.shape == (64, 3, 32, 32) and -1 <= batch.min() and batch.max() <= 1
     face = transforms.apply(open_image(tmp_path / "syn" / synthetic.file_name(0), 3), 32, "resize", None)
     assert np.abs(loader.images[0].numpy().astype(int) - face).mean() < 0.5
+
+
+def test_a_failing_gpu_decoder_means_the_cpu_decoder(faces):
+    """DALI's GPU ("mixed") decoder on a device that cannot serve it (here: GPU 99, which no machine
+    has) fails at once; the loader decodes on the CPU instead and says so in one line."""
+    from fastgan.data import _Context
+    cfg = load(QUICKSTART, ["--data.loader=dali"])
+    lines = []
+    ctx = _Context(cfg, 0, 1, torch.device("cuda", 99), 0, torch.float32, lines.append)
+    assert ctx.mixed and ctx.decoder == "dali mixed"
+    ctx.check_gpu_decoder(faces)
+    assert not ctx.mixed and ctx.device_id is None and ctx.decoder == "dali cpu"
+    assert len(lines) == 1 and lines[0].startswith("warning: data: DALI's GPU decoder failed (")
+    assert lines[0].endswith("decoding on the CPU instead") and "\n" not in lines[0]
+    spec = (3, 32, "resize", None)
+    out = np.zeros((4, 3, 32, 32), np.uint8)
+    assert dali.decode_into(faces[:4], out, [0, 1, 2, 3], spec, ctx.device_id, 2) == {}
+    assert out.std() > 30

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from . import cache, dali, synthetic, transforms
 from .sampler import ArrayLoader, Loader, Schedule
-from .sources import DataError, check_files, list_folder, read_idx
+from .sources import DataError, check_file, check_files, list_folder, read_idx
 from .torch_loader import TorchStream, decode_into
 
 __all__ = ["build_loader", "DataError", "Loader", "Schedule"]
@@ -144,6 +144,16 @@ class _Context:
                         else f"pil ({d.num_workers} workers)")
         self.threads = max(2, d.num_workers)
 
+    def check_gpu_decoder(self, paths: list[Path], checks=None) -> None:
+        """Before DALI decodes on the GPU: one good file through the GPU decoder; if that fails,
+        DALI decodes on the CPU instead (dali.gpu_decoder_works logs why, once)."""
+        if not self.mixed:
+            return
+        checks = checks if checks is not None else (check_file(p) for p in paths[:64])
+        probe = next((p for p, (why, ok) in zip(paths, checks) if not why and ok), None)
+        if probe is not None and not dali.gpu_decoder_works(probe, self.spec, self.device_id, self.log):
+            self.mixed, self.device_id, self.decoder = False, None, "dali cpu"
+
     def schedule(self, n: int) -> Schedule:
         return Schedule(n, self.cfg.batch_size, self.cfg.seed, self.rank, self.world_size, self.cfg.data.flip)
 
@@ -173,7 +183,8 @@ def _stream_loader(ctx: _Context, root: Path, paths: list[Path]) -> Loader:
         raise DataError(f"no usable image in {root}: all {len(paths)} image files are unreadable")
     args = (good, ctx.spec, ctx.schedule(len(good)), ctx.device, ctx.start_iter, ctx.dtype)
     if ctx.kind == "dali":
-        loader = dali.DaliStream(*args, ctx.threads)
+        ctx.check_gpu_decoder(paths, checks)
+        loader = dali.DaliStream(*args, ctx.threads, gpu_decode=ctx.mixed)
     else:
         loader = TorchStream(*args, ctx.cfg.data.num_workers)
     loader.skipped = skipped
@@ -205,6 +216,7 @@ def _cached_loader(ctx: _Context, root: Path, paths: list[Path], place: str) -> 
     def ensure_cache():
         if cache.load(stem, k, ctx.spec) is not None:
             return "loaded"
+        ctx.check_gpu_decoder(paths)
         ctx.log(f"data: decoding {len(paths)} files in {root} once into {stem}.npy")
         cache.build(paths, root, stem, k, ctx.spec, _decode(ctx), ctx.decoder, show=ctx.rank == 0)
         return "built"

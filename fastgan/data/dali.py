@@ -73,6 +73,21 @@ def pipeline(files: list[str], labels: list[int], spec: tuple, *, batch_size: in
     return pipe
 
 
+def gpu_decoder_works(path, spec: tuple, device_id: int, log=print) -> bool:
+    """Decode one good file with the GPU ("mixed") decoder. Where nvJPEG, the driver or the GPU
+    will not serve DALI this fails at once: False, after one log line (the caller decodes on the CPU)."""
+    try:
+        pipe = pipeline([str(path)], [0], spec, batch_size=1, device_id=device_id, num_threads=1)
+        images, _ = pipe.run()
+        images.as_cpu()
+        del pipe
+        return True
+    except Exception as e:  # DALI raises RuntimeError subclasses; a broken GPU path may raise others
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        log(f"warning: data: DALI's GPU decoder failed ({type(e).__name__}: {first}); decoding on the CPU instead")
+        return False
+
+
 def decode_into(paths: list, out: np.ndarray, rows: list[int], spec: tuple, device_id: int | None,
                 num_threads: int, progress=None, log=print, fallback=None, batch: int | None = None) -> dict[int, str]:
     """Decode paths[i] into out[rows[i]] through DALI; {row: error} for files that fail.
@@ -120,10 +135,10 @@ class DaliStream(Loader):
     files directly. The pipeline is rebuilt each epoch, so the order is exactly sampler.Schedule's."""
 
     def __init__(self, paths: list, spec: tuple, schedule: Schedule, device, start_iter=0,
-                 dtype=torch.float32, num_threads: int = 2):
+                 dtype=torch.float32, num_threads: int = 2, gpu_decode: bool = True):
         super().__init__(schedule, device, start_iter, dtype)
         self.paths, self.spec, self.num_threads = [str(p) for p in paths], spec, num_threads
-        self.device_id = self.device.index or 0 if self.device.type == "cuda" else None
+        self.device_id = self.device.index or 0 if self.device.type == "cuda" and gpu_decode else None
         self.name = f"dali {'mixed' if self.device_id is not None else 'cpu'} (streaming, no cache)"
 
     def _epoch_pipeline(self, epoch: int, j: int):
