@@ -96,11 +96,13 @@ def reference_iteration(recipe, G, D, opt_g, opt_d, real, z):
         loss_g = bce(pred, torch.ones_like(pred))
         loss_g.backward()
         opt_g.step()
-    return torch.stack([loss_fake, loss_real, loss_g]).detach()
+    d_out = [torch.sigmoid(p).mean() for p in (pred_real, pred_fake, pred)]     # D(x), D(G(z)) before/after
+    return torch.stack([loss_fake, loss_real, loss_g, *d_out]).detach()
 
 
 @pytest.mark.parametrize("recipe", ["mmgen", "pytorch_examples"])
 def test_iteration_matches_reference(recipe):
+    """Losses and D's mean outputs (sigmoid of the reference's own logits) agree each iteration."""
     cfg = C.Config(recipe=recipe, batch_size=6, model=C.ModelConfig(preset=recipe, resolution=32, base_channels=8))
     G, D = build(cfg.model)
     G2, D2 = copy.deepcopy(G), copy.deepcopy(D)
@@ -115,6 +117,7 @@ def test_iteration_matches_reference(recipe):
         assert z.shape == (2 if recipe == "mmgen" else 1, 6, 100)
         got = step.step(real, z)
         want = reference_iteration(recipe, G2, D2, opt_g, opt_d, real, z)
+        assert got.shape == (6,) and ((got[3:] > 0) & (got[3:] < 1)).all()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     # Parameters and BN running statistics (which see every D and G call, in order) agree.
     for a, b in ((G, G2), (D, D2)):
@@ -181,6 +184,7 @@ def test_smoke_run_writes_everything(tmp_path, data_args):
     for e in entries:
         assert {"loss_d", "loss_d_fake", "loss_d_real", "loss_g", "img_per_s", "lr_g", "time"} <= set(e)
         assert e["loss_d"] > 0 and e["loss_g"] > 0 and e["img_per_s"] > 0
+        assert all(0 < e[k] < 1 for k in ("d_real", "d_fake", "d_fake_g"))
     # The same command again: finished, says so, changes nothing.
     mtime = (work / "ckpt" / "iter_6.pt").stat().st_mtime_ns
     again = run_script(*args, cwd=ROOT)
