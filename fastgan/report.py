@@ -228,8 +228,8 @@ def _run_rows(cfg: dict, entries: list[dict], train: list[dict]) -> tuple[list[t
     model = cfg.get("model", {})
     rows.append(("device", f"{start['device']} x{world}" if start else "not logged (older run)"))
     rows.append(("backend", start.get("backend", f"{cfg.get('backend')} (config)")))
-    step = start.get("step")
-    rows.append(("amp / compile / step", f"{cfg.get('amp')} / {cfg.get('compile')} / {step or 'not logged'}"))
+    step = {"GraphedStep": "one CUDA graph per iteration", "TrainStep": "compiled" if cfg.get("compile") else "eager"}
+    rows.append(("amp, step", f"{cfg.get('amp')}, {step.get(start.get('step'), start.get('step', 'not logged'))}"))
     rows.append(("model", f"{model.get('preset')} {model.get('resolution')} px, {model.get('channels')} channels, "
                           f"width {model.get('base_channels') or 'preset'}"
                           + (f"; G {start['params_g']:,}, D {start['params_d']:,} params" if "params_g" in start else "")))

@@ -169,7 +169,9 @@ def test_smoke_run_writes_everything(tmp_path, data_args):
     out = run_script(*args, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "backend torch on cpu x1" in out.stdout and "data: " in out.stdout
-    assert sorted(p.name for p in (work / "training_samples").iterdir()) == ["iter_3.png", "iter_6.png"]
+    assert sorted(p.name for p in (work / "training_samples").iterdir()) == ["iter_3.png", "iter_6.png",
+                                                                           "progress.gif", "real.png"]
+    assert (work / "report.html").is_file()
     assert Image.open(work / "training_samples" / "iter_6.png").size == (2 * 34 + 2,) * 2     # 2x2 grid of 32 px
     assert [n for n, _ in ck.list_checkpoints(work / "ckpt")] == [6, 4]                     # keep_ckpts=2
     state = ck.load(work / "ckpt" / "iter_6.pt")
@@ -179,7 +181,7 @@ def test_smoke_run_writes_everything(tmp_path, data_args):
     assert cfg.total_iters == 6 and cfg.model.base_channels == 8
     G = ck.load_generator(work / "generator.safetensors")
     torch.testing.assert_close(G.state_dict()["to_rgb.conv.weight"], state["G"]["to_rgb.conv.weight"])
-    entries = log_entries(work)
+    entries = [e for e in log_entries(work) if "event" not in e]
     assert [e["iter"] for e in entries] == list(range(1, 7))
     for e in entries:
         assert {"loss_d", "loss_d_fake", "loss_d_real", "loss_g", "img_per_s", "lr_g", "time"} <= set(e)
@@ -189,7 +191,7 @@ def test_smoke_run_writes_everything(tmp_path, data_args):
     mtime = (work / "ckpt" / "iter_6.pt").stat().st_mtime_ns
     again = run_script(*args, cwd=ROOT)
     assert again.returncode == 0 and "already finished" in again.stdout
-    assert (work / "ckpt" / "iter_6.pt").stat().st_mtime_ns == mtime and len(log_entries(work)) == 6
+    assert (work / "ckpt" / "iter_6.pt").stat().st_mtime_ns == mtime and len(log_entries(work)) == 7   # + start
 
 
 @pytest.mark.parametrize("recipe", ["mmgen", "pytorch_examples"])
@@ -280,7 +282,8 @@ def test_torchrun_two_processes(tmp_path, data_args):
     state = ck.load(work / "ckpt" / "iter_4.pt")
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert not torch.equal(state["rng"][0]["noise"], state["rng"][1]["noise"])   # seeds offset by rank
-    assert sorted(p.name for p in (work / "training_samples").iterdir()) == ["iter_2.png", "iter_4.png"]
+    assert sorted(p.name for p in (work / "training_samples").iterdir()) == ["iter_2.png", "iter_4.png",
+                                                                           "progress.gif", "real.png"]
     entries = [e for e in log_entries(work) if "loss_g" in e]
     assert [e["iter"] for e in entries] == [1, 2, 3, 4]                      # one writer
     assert all(torch.isfinite(t).all() for t in state["G"].values() if t.is_floating_point())
