@@ -80,14 +80,14 @@ def captioned(image: Image.Image, text: str) -> Image.Image:
     return out
 
 
-def _frame(iteration: int, path: Path) -> Image.Image:
+def _frame(iteration: int, path: Path) -> tuple[tuple, Image.Image]:
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns)
     if key not in _frames:
         with Image.open(path) as im:
             grid = im.convert("L" if im.mode == "L" else "RGB")
         _frames[key] = to_palette(captioned(grid, f"iteration {iteration}"))
-    return _frames[key]
+    return key, _frames[key]
 
 
 def write_progress_gif(folder: str | Path, name: str = "progress.gif") -> Path | None:
@@ -95,8 +95,8 @@ def write_progress_gif(folder: str | Path, name: str = "progress.gif") -> Path |
     grids = _spread(list_grids(folder), MAX_FRAMES)
     if not grids:
         return None
-    frames = [_frame(it, p) for it, p in grids]
-    keep = {(str(p),) for _, p in grids}
-    for key in [k for k in _frames if k[:1] not in keep]:     # grids no longer shown
+    made = dict(_frame(it, p) for it, p in grids)
+    for key in set(_frames) - set(made):      # grids no longer shown, or rewritten since
         del _frames[key]
+    frames = list(made.values())
     return save_gif(frames, Path(folder) / name, [FRAME_MS] * (len(frames) - 1) + [LAST_FRAME_MS])

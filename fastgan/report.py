@@ -16,6 +16,11 @@ import sys
 if sys.path and os.path.abspath(sys.path[0] or os.curdir) == os.path.dirname(os.path.abspath(__file__)):
     del sys.path[0]      # run as a file: fastgan/ must not shadow other modules
 
+try:
+    import fastgan  # noqa: F401
+except ImportError:
+    sys.exit("fastgan is not installed: run `pip install -e .` in the repository root")
+
 import argparse
 import base64
 import html
@@ -70,6 +75,17 @@ def segments(train: list[dict]) -> list[list[dict]]:
         if not out or e.get("elapsed_s", 0) < out[-1][-1].get("elapsed_s", 0) or e["iter"] <= out[-1][-1]["iter"]:
             out.append([])
         out[-1].append(e)
+    return out
+
+
+def history(entries: list[dict]) -> list[dict]:
+    """The entries of the timeline that survived: a run resumed from an earlier checkpoint than
+    its predecessor's last log line replaces that predecessor's entries from there on."""
+    out: list[dict] = []
+    for e in entries:
+        while out and out[-1]["iter"] >= e["iter"]:
+            out.pop()
+        out.append(e)
     return out
 
 
@@ -222,7 +238,7 @@ def _run_rows(cfg: dict, entries: list[dict], train: list[dict]) -> tuple[list[t
     done = train[-1]["iter"] if train else 0
     segs = segments(train)
     elapsed = sum(s[-1].get("elapsed_s", 0) for s in segs)
-    status = "finished" if total and done >= total else "in progress or stopped"
+    status = "finished" if total and done >= total else "running, or stopped (see the last log line)"
     rows = [("iterations", f"{done:,} of {total:,} ({100 * done / total:.0f}%)" if total else f"{done:,}")]
     world = start.get("world_size", 1)
     model = cfg.get("model", {})
@@ -258,9 +274,10 @@ def _run_rows(cfg: dict, entries: list[dict], train: list[dict]) -> tuple[list[t
 
 def _eval_section(cfg: dict, entries: list[dict]) -> tuple[str, dict | None]:
     evals: dict[str, tuple[list, list]] = {}
-    for e in entries:
+    scored = [e for e in entries if "iter" in e and any(k.startswith("eval/") for k in e)]
+    for e in history(scored):
         for k, v in e.items():
-            if k.startswith("eval/") and isinstance(v, (int, float)) and "iter" in e:
+            if k.startswith("eval/") and isinstance(v, (int, float)):
                 xs, ys = evals.setdefault(k[5:], ([], []))
                 xs.append(e["iter"])
                 ys.append(v)
@@ -318,7 +335,7 @@ def build(work_dir: str | Path) -> str:
     train = [e for e in entries if "loss_g" in e and "iter" in e]
     resumes = [e["iter"] for e in entries if e.get("event") == "resume" and "iter" in e]
     rows, status = _run_rows(cfg, entries, train)
-    plots = training_plots(train, resumes)
+    plots = training_plots(history(train), resumes)
     eval_html, best = _eval_section(cfg, entries)
 
     samples = work / "training_samples"

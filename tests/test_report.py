@@ -158,3 +158,11 @@ def test_real_grid_collects_across_batches(tmp_path, channels):
     short.add(torch.ones(3, channels, 8, 8))
     short.close()
     assert np.asarray(Image.open(tmp_path / "short.png")).shape[:2] == (12, 3 * 10 + 2)
+
+
+def test_log_history_after_a_resume_from_an_earlier_checkpoint():
+    """Killed at iteration 5 after a checkpoint at 3: the resumed run's lines replace 4 and 5."""
+    log = [{"iter": i, "elapsed_s": i, "run": 1} for i in (1, 2, 3, 4, 5)]
+    log += [{"iter": i, "elapsed_s": i - 3, "run": 2} for i in (4, 5, 6)]
+    assert [(e["iter"], e["run"]) for e in report.history(log)] == [(1, 1), (2, 1), (3, 1), (4, 2), (5, 2), (6, 2)]
+    assert [len(s) for s in report.segments(log)] == [5, 3]
