@@ -230,46 +230,50 @@ def _table(rows: list[tuple], head: tuple | None = None) -> str:
     return "".join(out) + "</table>"
 
 
-def _run_rows(cfg: dict, entries: list[dict], train: list[dict]) -> tuple[list[tuple], str]:
-    """The run's summary rows, and the one-line status under the title."""
-    starts = [e for e in entries if e.get("event") == "start"]
-    start = starts[-1] if starts else {}
+STEP_NAMES = {"GraphedStep": "one CUDA graph per iteration", "TrainStep": "plain"}
+
+
+def _setup_rows(cfg: dict, start: dict) -> list[tuple]:
+    """Where and how the run trains: the newest start line of the log, and the config."""
+    world, model, data = start.get("world_size", 1), cfg.get("model", {}), cfg.get("data", {})
+    step = STEP_NAMES.get(start.get("step"), "not logged")
+    params = f"; G {start['params_g']:,}, D {start['params_d']:,} parameters" if "params_g" in start else ""
+    rows = [("device", f"{start['device']} x{world}" if start else "not logged (a run from before this page)"),
+            ("backend", start.get("backend", f"{cfg.get('backend')} (config)")),
+            ("amp, compile, step", f"{cfg.get('amp')}, {cfg.get('compile')}, {step}"),
+            ("model", f"{model.get('preset')}, {model.get('resolution')} px, {model.get('channels')} channels, "
+                      f"width {model.get('base_channels') or 'of the preset'}{params}"),
+            ("batch", f"{cfg.get('batch_size')} per process x {world}")]
+    if start.get("loader"):
+        rows.append(("data", f"{data.get('source')} {data.get('root')}, {start['loader']}"))
+    return rows
+
+
+def _progress_rows(cfg: dict, start: dict, train: list[dict]) -> list[tuple]:
+    """Iterations, speed, time spent and left, the latest numbers."""
     total = cfg.get("total_iters", 0)
     done = train[-1]["iter"] if train else 0
-    segs = segments(train)
-    elapsed = sum(s[-1].get("elapsed_s", 0) for s in segs)
-    status = "finished" if total and done >= total else "running, or stopped (see the last log line)"
     rows = [("iterations", f"{done:,} of {total:,} ({100 * done / total:.0f}%)" if total else f"{done:,}")]
-    world = start.get("world_size", 1)
-    model = cfg.get("model", {})
-    rows.append(("device", f"{start['device']} x{world}" if start else "not logged (older run)"))
-    rows.append(("backend", start.get("backend", f"{cfg.get('backend')} (config)")))
-    step = {"GraphedStep": "one CUDA graph per iteration", "TrainStep": "compiled" if cfg.get("compile") else "eager"}
-    rows.append(("amp, step", f"{cfg.get('amp')}, {step.get(start.get('step'), start.get('step', 'not logged'))}"))
-    rows.append(("model", f"{model.get('preset')} {model.get('resolution')} px, {model.get('channels')} channels, "
-                          f"width {model.get('base_channels') or 'preset'}"
-                          + (f"; G {start['params_g']:,}, D {start['params_d']:,} params" if "params_g" in start else "")))
-    rows.append(("batch", f"{cfg.get('batch_size')} per process x {world}"))
-    if start.get("loader"):
-        rows.append(("data", f"{cfg.get('data', {}).get('source')} {cfg.get('data', {}).get('root')}, {start['loader']}"))
-    if train:
-        last_seg = segs[-1]
-        rate = statistics.median(e["img_per_s"] for e in last_seg if "img_per_s" in e) if last_seg else 0
-        rows.append(("img/s", f"{rate:,.1f} (median of the last run's log lines), latest {train[-1].get('img_per_s', 0):,.1f}"))
-        runs = f" over {len(segs)} runs" if len(segs) > 1 else ""
-        rows.append(("elapsed", f"{_duration(elapsed)} training{runs}"))
-        first, last = last_seg[0], last_seg[-1]
-        if len(last_seg) > 1:       # the pace between the last run's first and newest log lines
-            its, span = last["iter"] - first["iter"], last.get("elapsed_s", 0) - first.get("elapsed_s", 0)
-        else:
-            its, span = last["iter"] - start.get("start_iter", 0), last.get("elapsed_s", 0)
-        if done < total and span > 0 and its > 0:
-            rows.append(("ETA", f"{_duration((total - done) * span / its)} at the last run's pace"))
-        rows.append(("last log line", _when(last["time"]) if "time" in last else "?"))
-        if "d_real" in last:
-            rows.append(("latest D(x), D(G(z))", f"{last['d_real']:.3f}, {last['d_fake']:.3f} / {last['d_fake_g']:.3f}"))
-        rows.append(("latest losses", f"D {last.get('loss_d', float('nan')):.4f}, G {last.get('loss_g', float('nan')):.4f}"))
-    return rows, status
+    if not train:
+        return rows
+    runs = segments(train)
+    first, last = runs[-1][0], runs[-1][-1]
+    rate = statistics.median(e.get("img_per_s", 0) for e in runs[-1])
+    rows.append(("img/s", f"{rate:,.1f} (median over the last run), latest {last.get('img_per_s', 0):,.1f}"))
+    elapsed = sum(run[-1].get("elapsed_s", 0) for run in runs)
+    rows.append(("elapsed", f"{_duration(elapsed)} training" + (f" over {len(runs)} runs" if len(runs) > 1 else "")))
+    if len(runs[-1]) > 1:       # the pace between the last run's first and newest log lines
+        its, span = last["iter"] - first["iter"], last.get("elapsed_s", 0) - first.get("elapsed_s", 0)
+    else:
+        its, span = last["iter"] - start.get("start_iter", 0), last.get("elapsed_s", 0)
+    if done < total and span > 0 and its > 0:
+        rows.append(("ETA", f"{_duration((total - done) * span / its)} at the last run's pace"))
+    rows.append(("last log line", _when(last["time"]) if "time" in last else "?"))
+    if "d_real" in last:
+        rows.append(("D(x), D(G(z))", f"{last['d_real']:.3f}, {last['d_fake']:.3f} / {last['d_fake_g']:.3f} "
+                                      "(D step / G step)"))
+    rows.append(("losses", f"D {last.get('loss_d', float('nan')):.4f}, G {last.get('loss_g', float('nan')):.4f}"))
+    return rows
 
 
 def _eval_section(cfg: dict, entries: list[dict]) -> tuple[str, dict | None]:
@@ -334,7 +338,11 @@ def build(work_dir: str | Path) -> str:
     entries = read_log(work / "log.jsonl")
     train = [e for e in entries if "loss_g" in e and "iter" in e]
     resumes = [e["iter"] for e in entries if e.get("event") == "resume" and "iter" in e]
-    rows, status = _run_rows(cfg, entries, train)
+    starts = [e for e in entries if e.get("event") == "start"]
+    rows = _progress_rows(cfg, starts[-1] if starts else {}, train)
+    rows[1:1] = _setup_rows(cfg, starts[-1] if starts else {})
+    finished = bool(train) and train[-1]["iter"] >= cfg.get("total_iters", 0)
+    status = "finished" if finished else "running, or stopped (see the last log line)"
     plots = training_plots(history(train), resumes)
     eval_html, best = _eval_section(cfg, entries)
 
