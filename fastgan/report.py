@@ -33,7 +33,7 @@ from pathlib import Path
 
 CKPT_NAME = re.compile(r"^iter_(\d+)\.pt$")
 GRID_NAME = re.compile(r"^iter_(\d+)\.png$")
-SHOWN_PX = 440          # images are shown up to this width, small grids scaled up by whole factors
+SHOWN_PX = 560          # small grids are shown scaled up by whole factors to at most this width
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; margin: 0 auto;
        max-width: 1400px; padding: 16px 24px; color: #1f2328; background: #fff; }
@@ -44,7 +44,8 @@ figure { margin: 0; } figcaption { font-size: 13px; color: #57606a; margin-top: 
 table { border-collapse: collapse; font-size: 14px; } td, th { padding: 3px 12px 3px 0; text-align: left; }
 th { color: #57606a; font-weight: 600; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 pre { font-size: 12px; background: #f6f8fa; padding: 8px 12px; max-height: 330px; overflow: auto; margin: 0; }
-img.px { image-rendering: pixelated; } .note { color: #57606a; font-size: 14px; }
+img { max-width: 100%; height: auto; } img.px { image-rendering: pixelated; }
+.note { color: #57606a; font-size: 14px; } figure.plot figcaption { max-width: 620px; }
 """
 
 
@@ -140,8 +141,8 @@ def _lines(ax, entries, keys_labels, resumes, ylabel, **style) -> bool:
     ax.set_xlabel("iteration")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    if drawn:
-        ax.legend(fontsize=8, loc="upper right")   # "best" searches placements: ~10 ms a plot
+    if drawn:    # in a row above the axes: never over a curve, and no placement search (~10 ms a plot)
+        ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0, 1), ncol=len(keys_labels), frameon=False)
     return drawn
 
 
@@ -154,7 +155,6 @@ def training_plots(train: list[dict], resumes: list[int]) -> dict[str, bytes]:
                           ("loss_d_real", "D loss, real", {"linewidth": 0.8, "linestyle": "--"}),
                           ("loss_d_fake", "D loss, fake", {"linewidth": 0.8, "linestyle": "--"})],
               resumes, "loss"):
-        ax.set_title("losses", fontsize=10)
         out["losses"] = _png(fig)
     fig = _figure(6.2, 3.1)
     ax = fig.add_subplot()
@@ -163,14 +163,12 @@ def training_plots(train: list[dict], resumes: list[int]) -> dict[str, bytes]:
               linewidth=1.2):
         ax.axhline(0.5, color="#8c959f", linewidth=0.8)
         ax.set_ylim(0, 1)
-        ax.set_title("D outputs: D(x) on real, D(G(z)) on fake", fontsize=10)
         out["d_outputs"] = _png(fig)
     fig = _figure(6.2, 2.4)
     ax = fig.add_subplot()
     if _lines(ax, train, [("img_per_s", "img/s", {"color": "#2da44e"})], resumes, "img/s", linewidth=1):
         ax.set_ylim(bottom=0)
         ax.get_legend().remove()
-        ax.set_title("throughput", fontsize=10)
         out["speed"] = _png(fig)
     return out
 
@@ -213,8 +211,7 @@ def _image_file(path: Path, caption: str, mime: str) -> str:
     data = path.read_bytes()
     with Image.open(io.BytesIO(data)) as im:
         w = im.width
-    scale = max(1, SHOWN_PX // w)
-    return (f"<figure>{_img(data, mime, caption, min(w * scale, SHOWN_PX), pixelated=True)}"
+    return (f"<figure>{_img(data, mime, caption, w * max(1, SHOWN_PX // w), pixelated=True)}"
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
@@ -356,10 +353,17 @@ def build(work_dir: str | Path) -> str:
     if (samples / "real.png").is_file():
         pictures.append(_image_file(samples / "real.png", "real: training images as the model sees them",
                                     "image/png"))
-    if (samples / "progress.gif").is_file():
-        pictures.append(_image_file(samples / "progress.gif",
-                                    f"progress: the fixed-noise grids in order ({len(grids)} grids)", "image/gif"))
-    plot_html = "".join(_img(plots[k], "image/png", k.replace("_", " ")) for k in ("losses", "d_outputs") if k in plots)
+    if (samples / "progress.gif").is_file() and grids:
+        progress = _image_file(samples / "progress.gif", f"the fixed-noise grids of iterations {grids[0][0]} to "
+                               f"{grids[-1][0]} in order ({len(grids)} grids), the newest held longest", "image/gif")
+    else:
+        progress = '<p class="note">No sample grid yet.</p>'
+
+    def plot(key: str, caption: str) -> str:
+        if key not in plots:
+            return '<p class="note">No log lines yet.</p>'
+        figure = _img(plots[key], "image/png", caption)
+        return f'<figure class="plot">{figure}<figcaption>{html.escape(caption)}</figcaption></figure>'
 
     title = html.escape(str(work.resolve().name))
     parts = [
@@ -373,9 +377,15 @@ def build(work_dir: str | Path) -> str:
         '<section id="samples"><h2>Samples</h2><div class="row">',
         "".join(pictures) or '<p class="note">No sample grid yet.</p>', "</div></section>",
         '<section id="losses"><h2>Losses and D outputs</h2><div class="row">',
-        plot_html or '<p class="note">No log lines yet.</p>', "</div></section>",
+        plot("losses", "Losses, the mean over each log interval: D = BCE(D(G(z)), 0) + BCE(D(x), 1), "
+                       "G = BCE(D(G(z)), 1)."),
+        plot("d_outputs", "D's mean output, sigmoid of its logits: D(x) on the real batch, D(G(z)) on the "
+                          "fake batch in the D step and again in the G step, after D's update."),
+        "</div></section>",
+        '<section id="progress"><h2>Progress</h2>', progress, "</section>",
         '<section id="speed"><h2>Throughput</h2>',
-        _img(plots["speed"], "image/png", "img/s") if "speed" in plots else '<p class="note">No log lines yet.</p>',
+        plot("speed", "img/s over each log interval; samples, checkpoints and this page count in the interval "
+                      "they are written in."),
         "</section>",
         f'<section id="eval"><h2>Evaluation</h2>{eval_html}</section>',
         f'<section id="checkpoints"><h2>Checkpoints</h2>{_checkpoints(work, best)}</section>',

@@ -19,7 +19,7 @@ from fastgan.distrib import Dist
 from fastgan.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("run", "samples", "losses", "speed", "eval", "checkpoints")
+SECTIONS = ("run", "samples", "losses", "progress", "speed", "eval", "checkpoints")
 
 
 def tiny(work, data, seed, *extra) -> C.Config:
@@ -89,8 +89,8 @@ def test_run_writes_report_progress_gif_and_real_grid(tmp_path):
         assert f'<section id="{section}">' in page
     assert "http://" not in page and "https://" not in page
     shown = inlined_images(page)
-    assert [im.format for im in shown] == ["PNG", "PNG", "GIF", "PNG", "PNG", "PNG"]   # grid, real, gif, 3 plots
-    assert shown[2].n_frames == 3
+    assert [im.format for im in shown] == ["PNG", "PNG", "PNG", "PNG", "GIF", "PNG"]   # grid, real, 2 plots, gif, img/s
+    assert shown[4].n_frames == 3
     assert "6 of 6 (100%)" in page and "cpu x1" in page and "ckpt/iter_3.pt" in page
     assert "No evaluation in this run" in page
 
