@@ -4,8 +4,8 @@ progress.gif is rebuilt from the iter_N.png files present, in iteration order, e
 written: a resumed run (or one whose GIF was lost) gets one frame per grid, in order, with no state
 of its own to keep. Each frame carries its iteration in a caption strip under the grid. A GIF holds
 256 colours per frame: each frame gets its own palette (fast octree, then nearest-colour mapping,
-no dithering: ~6 ms for a 274 px grid on a 2-core CPU, mean error ~6 of 255 on the quick start's
-faces). Frames already made are kept in memory by file name, size and mtime, so a rebuild in a
+no dithering: ~6 ms for a 274 px grid on a 2-core CPU; on the quick start's grids the mean error
+is 3.5 to 8 of 255, the grainy later grids being the hardest). Frames already made are kept in memory by file name, size and mtime, so a rebuild in a
 training process only quantizes the new grid. Past MAX_FRAMES grids the GIF takes MAX_FRAMES of them
 evenly spaced, the first and the newest included, to keep it (and report.html, which inlines it)
 to a few MB.

@@ -227,7 +227,7 @@ def _table(rows: list[tuple], head: tuple | None = None) -> str:
     return "".join(out) + "</table>"
 
 
-STEP_NAMES = {"GraphedStep": "one CUDA graph per iteration", "TrainStep": "plain"}
+STEP_NAMES = {"GraphedStep": "one CUDA graph per iteration", "TrainStep": "no CUDA graph"}
 
 
 def _setup_rows(cfg: dict, start: dict) -> list[tuple]:
@@ -237,7 +237,7 @@ def _setup_rows(cfg: dict, start: dict) -> list[tuple]:
     params = f"; G {start['params_g']:,}, D {start['params_d']:,} parameters" if "params_g" in start else ""
     rows = [("device", f"{start['device']} x{world}" if start else "not logged (a run from before this page)"),
             ("backend", start.get("backend", f"{cfg.get('backend')} (config)")),
-            ("amp, compile, step", f"{cfg.get('amp')}, {cfg.get('compile')}, {step}"),
+            ("amp, compile, step", f"{cfg.get('amp')}, {'on' if cfg.get('compile') else 'off'}, {step}"),
             ("model", f"{model.get('preset')}, {model.get('resolution')} px, {model.get('channels')} channels, "
                       f"width {model.get('base_channels') or 'of the preset'}{params}"),
             ("batch", f"{cfg.get('batch_size')} per process x {world}")]
