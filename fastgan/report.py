@@ -291,7 +291,7 @@ def _eval_section(cfg: dict, entries: list[dict]) -> tuple[str, dict | None]:
         i = pick(range(len(ys)), key=lambda j: ys[j])
         best[name] = (xs[i], ys[i])
     chosen = cfg.get("eval", {}).get("best_metric") or ""
-    rows = [(name + (" (ckpt/best.pt follows it)" if name == chosen else ""), ys[-1], f"{best[name][1]:.6g}",
+    rows = [(name + (" (ckpt/best.pt follows it)" if name == chosen else ""), f"{ys[-1]:.6g}", f"{best[name][1]:.6g}",
              best[name][0], "lower" if lower_is_better(name) else "higher")
             for name, (xs, ys) in evals.items()]
     body = (_table(rows, ("metric", "latest", "best", "at iteration", "better")) + "<br>"
@@ -311,7 +311,10 @@ def _checkpoints(work: Path, best: dict | None) -> str:
             elif p.name == "best.pt":
                 found.append((-1, p, f"{best['iter']} (best {best['metric']} {best['value']:.4g})" if best else "best"))
     for _, p, it in sorted(found, key=lambda f: -f[0]):
-        st = p.stat()
+        try:
+            st = p.stat()
+        except FileNotFoundError:    # pruned by the running training since the listing
+            continue
         rows.append((f"ckpt/{p.name}", it, f"{st.st_size / 2**20:.1f} MB", _when(st.st_mtime)))
     gen = work / "generator.safetensors"
     if gen.is_file():
