@@ -24,6 +24,8 @@ setup(
         "numpy>=1.24",
         "pillow>=10",
         "safetensors>=0.4",
+        # report.html's plots; the quick start writes the report, so this is not an extra.
+        "matplotlib>=3.7",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130>=2.0"],

@@ -123,7 +123,7 @@ class GraphedStep(TrainStep):
     # -- the iteration ---------------------------------------------------------------------------
 
     def step(self, real: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """One iteration; the losses [fake, real, g] as a device tensor. No host sync."""
+        """One iteration; the losses and D outputs (step.OUTPUTS) as a device tensor. No host sync."""
         if not self.capture:
             return self._fn(real, z)
         if self._real is None:

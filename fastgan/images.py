@@ -57,3 +57,58 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, padding: in
 def save_each(images: torch.Tensor, folder: str | Path, start: int = 0) -> list[Path]:
     """One PNG per image: folder/000000.png, 000001.png, ..."""
     return [save_png(tile, Path(folder) / f"{start + i:06d}.png") for i, tile in enumerate(to_uint8(images))]
+
+
+class RealGrid:
+    """training_samples/real.png: the first `num` training images the run feeds the model (after
+    crop, resize, flip and normalisation), as a grid shaped like the fixed-noise grids; written once.
+
+    `add(batch)` sees each training batch until it has enough; it clones on the device and copies
+    to the host without blocking, writing when a later call finds the copy done, so the training
+    loop never waits for the device. `close()` writes whatever is pending (after the loop).
+    Inactive (every call returns at once) off rank 0 or when real.png already exists.
+    """
+
+    def __init__(self, path: str | Path, num: int, nrow: int, active: bool = True):
+        self.path, self.num, self.nrow = Path(path), num, nrow
+        self.done = not active or self.path.is_file()
+        self.parts: list[torch.Tensor] = []
+        self.have = 0
+        self.host: torch.Tensor | None = None
+        self.copied = None   # a CUDA event once the host copy is queued
+
+    def add(self, batch: torch.Tensor) -> None:
+        if self.done:
+            return
+        if self.host is None:
+            take = batch[:self.num - self.have].detach()
+            self.parts.append(take.clone())   # the loader may reuse its buffer
+            self.have += take.shape[0]
+            if self.have < self.num:
+                return
+            parts = torch.cat(self.parts)
+            self.parts = []
+            if parts.device.type == "cuda":
+                self.host = torch.empty(parts.shape, dtype=parts.dtype, pin_memory=True)
+                self.host.copy_(parts, non_blocking=True)
+                self.copied = torch.cuda.Event()
+                self.copied.record()
+            else:
+                self.host = parts
+        if self.copied is None or self.copied.query():
+            self._write()
+
+    def close(self) -> None:
+        if self.done:
+            return
+        if self.host is None and self.parts:   # a run shorter than `num` images: what it saw
+            self.host = torch.cat(self.parts).cpu()
+        if self.copied is not None:
+            self.copied.synchronize()
+        if self.host is not None:
+            self._write()
+        self.done = True
+
+    def _write(self) -> None:
+        save_grid(self.host, self.path, nrow=self.nrow)
+        self.done, self.host, self.copied = True, None, None

@@ -2,6 +2,7 @@
 
     python fastgan/sample.py CONFIG CKPT [--num-samples 64] [--nrow 8] [--seed 0] [--out grid.png]
                              [--each DIR] [--device cpu|cuda] [--backend auto|torch|triton] [--raw]
+    python fastgan/sample.py CONFIG CKPT --interpolate N [--steps K] [--lerp] [--out walk.png|walk.gif]
 
 CKPT: ckpt/iter_N.pt, generator.safetensors, a work_dir (its generator.safetensors, else its
 newest checkpoint), or an MMGeneration/MMagic DCGAN checkpoint (.pth, converted from BGR to RGB).
@@ -9,6 +10,8 @@ CONFIG: the config file the run used, or the work_dir's config.json (for an MMGe
 fastgan config of the same name, e.g. configs/dcgan/dcgan_celeba-cropped_64_b128x1_300k.py).
 A file with an EMA generator draws from it; --raw draws from the trained generator instead.
 The noise comes from --seed on the CPU, so a seed gives the same images on CPU and GPU.
+--interpolate N draws N latent walks of K images (slerp, or --lerp) between latents from --seed:
+a grid with one walk per row, or with --out *.gif an animation.
 """
 
 import os
@@ -49,7 +52,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backend", default=None, choices=("auto", "torch", "triton"), help="default: the config's")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward (default 256)")
     p.add_argument("--raw", action="store_true", help="the trained generator, not its EMA (when the file has one)")
+    p.add_argument("--interpolate", type=int, default=None, metavar="N",
+                   help="draw N latent walks instead of samples (--num-samples and --nrow then unused)")
+    p.add_argument("--steps", type=int, default=None, metavar="K", help="images per walk (default 8)")
+    p.add_argument("--lerp", action="store_true", help="walk in straight lines (default: slerp)")
     args = p.parse_args(argv)
+    if args.interpolate is not None and args.interpolate < 1:
+        p.error("--interpolate must be at least 1")
+    if args.interpolate is None and (args.lerp or args.steps is not None):
+        p.error("--steps and --lerp go with --interpolate N")
+    args.steps = 8 if args.steps is None else args.steps
+    if args.steps < 2:
+        p.error("--steps must be at least 2 (a walk has two ends)")
     for name in ("num_samples", "batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -84,6 +98,8 @@ def main(argv=None) -> int:
         G = load_generator(args.ckpt, cfg, device=device, backend=backend, raw=args.raw, log=print)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
+    if args.interpolate:
+        return walks(args, G, cfg, device, backend)
     t = time.perf_counter()
     fake = generate(G, args.num_samples, args.seed, device, args.batch_size)
     dt = time.perf_counter() - t
@@ -91,6 +107,19 @@ def main(argv=None) -> int:
     out = images.save_grid(fake, args.out, nrow=nrow)
     print(f"{args.num_samples} samples ({cfg.model.resolution}x{cfg.model.resolution}, backend {backend} "
           f"on {device}, {dt:.2f} s) -> {out}")
+    if args.each:
+        paths = images.save_each(fake, args.each)
+        print(f"{len(paths)} images -> {Path(args.each)}/")
+    return 0
+
+
+def walks(args, G, cfg, device, backend) -> int:
+    """--interpolate: the walks as a grid (a row per walk) or, for a .gif, an animation."""
+    from fastgan import interpolate
+    mode, t = "lerp" if args.lerp else "slerp", time.perf_counter()
+    fake, out = interpolate.write(G, args.out, args.interpolate, args.steps, args.seed, mode, device, args.batch_size)
+    print(f"{args.interpolate} {mode} walks of {args.steps} images ({cfg.model.resolution}x{cfg.model.resolution}, "
+          f"backend {backend} on {device}, {time.perf_counter() - t:.2f} s) -> {out}")
     if args.each:
         paths = images.save_each(fake, args.each)
         print(f"{len(paths)} images -> {Path(args.each)}/")

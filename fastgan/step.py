@@ -7,8 +7,11 @@ recipe "mmgen" (MMGeneration's StaticUnconditionalGAN.train_step with disc_steps
 recipe "pytorch_examples" (pytorch/examples dcgan/main.py):
     fake = G(z);  D(real), then D(fake.detach());  D step;  D(fake) -> G step
 
-The losses come back as one detached tensor [loss_d_fake, loss_d_real, loss_g]; the caller reads
-it only at log intervals, so nothing here waits for the device.
+The losses come back as one detached tensor [loss_d_fake, loss_d_real, loss_g, d_real, d_fake,
+d_fake_g] (OUTPUTS): the last three are D's mean output, sigmoid(logits).mean(), on the real and the
+fake batch in the D step and on the fake batch in the G step (the DCGAN tutorial's D(x), D(G(z))
+before and after the D step), reduced from logits the losses already need. The caller reads it only
+at log intervals, so nothing here waits for the device.
 
 DDP: G and D are wrapped separately with broadcast_buffers=False. DDP expects one forward per
 backward and a grad for every parameter, so D's two batches run through `DiscPair` (one DDP
@@ -34,6 +37,7 @@ _NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in 
                    else {"broadcast_buffers": False})
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+OUTPUTS = ("loss_d_fake", "loss_d_real", "loss_g", "d_real", "d_fake", "d_fake_g")   # step()'s tensor
 
 
 class DiscPair(nn.Module):
@@ -49,6 +53,11 @@ class DiscPair(nn.Module):
 
 def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits.float(), torch.full_like(logits, target, dtype=torch.float32))
+
+
+def _d_out(logits: torch.Tensor) -> torch.Tensor:
+    """D's mean probability of "real" for a batch; detached, outside the loss graph."""
+    return torch.sigmoid(logits.detach().float()).mean()
 
 
 class TrainStep:
@@ -123,11 +132,12 @@ class TrainStep:
         # tensors instead: same effect, no grads for D, and no requires_grad_ calls, which
         # torch.compile cannot trace.
         with self._autocast():
-            loss_g = _bce(functional_call(self.D, self._detached(self.D), (fake,)), 1.0)
+            pred = functional_call(self.D, self._detached(self.D), (fake,))
+            loss_g = _bce(pred, 1.0)
         self._update(self.opt_g, loss_g)
         if self.fp16:
             self.scaler.update()
-        return loss_g
+        return loss_g, _d_out(pred)
 
     def _mmgen(self, real: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         with self._autocast():
@@ -138,8 +148,8 @@ class TrainStep:
         self._update(self.opt_d, loss_fake + loss_real)
         with self._autocast():
             fake = self.g_train(z[1])
-        loss_g = self._g_update(fake)
-        return torch.stack([loss_fake, loss_real, loss_g]).detach()
+        loss_g, d_fake_g = self._g_update(fake)
+        return torch.stack([loss_fake, loss_real, loss_g, _d_out(pred_real), _d_out(pred_fake), d_fake_g]).detach()
 
     def _pytorch_examples(self, real: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         with self._autocast():
@@ -151,8 +161,8 @@ class TrainStep:
             pred_real, pred_fake = self.d_pair(real, fake.detach())
             loss_real, loss_fake = _bce(pred_real, 1.0), _bce(pred_fake, 0.0)
         self._update(self.opt_d, loss_real + loss_fake)
-        loss_g = self._g_update(fake)
-        return torch.stack([loss_fake, loss_real, loss_g]).detach()
+        loss_g, d_fake_g = self._g_update(fake)
+        return torch.stack([loss_fake, loss_real, loss_g, _d_out(pred_real), _d_out(pred_fake), d_fake_g]).detach()
 
     # -- checkpoint state -----------------------------------------------------------------------
 

@@ -5,7 +5,8 @@
 
 Restarting with the same work_dir resumes from its newest readable checkpoint; a finished run
 says so and exits. Outputs in work_dir: config.json, log.jsonl, training_samples/iter_N.png,
-ckpt/iter_N.pt, generator.safetensors (and TensorBoard events when tensorboard is installed).
+real.png and progress.gif, ckpt/iter_N.pt, generator.safetensors, report.html (and TensorBoard
+events when tensorboard is installed).
 """
 
 import os
@@ -30,11 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastgan import checkpoint, distrib, images, selfcheck
+from fastgan import animation, checkpoint, distrib, images, report, selfcheck
 from fastgan import config as config_mod
 from fastgan.models import build, num_params, resolve_backend
 from fastgan.progress import Progress
-from fastgan.step import TrainStep
+from fastgan.step import OUTPUTS, TrainStep
 
 USAGE = """usage: python fastgan/train.py CONFIG [--key=value ...] [--resume PATH] [--device cpu|cuda]
        torchrun --nproc_per_node=N fastgan/train.py CONFIG [--key=value ...]
@@ -45,7 +46,7 @@ work_dir resumes from the newest readable checkpoint; --resume PATH starts from 
 config keys (--key=value; nested keys dotted, e.g. --model.base_channels=64):
 """
 
-LOSS_NAMES = ("loss_d_fake", "loss_d_real", "loss_g")
+LOSS_NAMES = OUTPUTS     # losses, then D(x), D(G(z)) in the D step and in the G step
 
 
 class TrainingError(RuntimeError):
@@ -144,7 +145,8 @@ def _write_samples(cfg, d, G, z, iteration: int, log: RunLog) -> None:
     G.train(training)
     nrow = max(1, math.isqrt(cfg.num_samples))
     grid = images.make_grid(fake, nrow=nrow)
-    images.save_png(grid, Path(cfg.work_dir) / "training_samples" / f"iter_{iteration}.png")
+    path = images.save_png(grid, Path(cfg.work_dir) / "training_samples" / f"iter_{iteration}.png")
+    animation.write_progress_gif(path.parent)
     log.image("samples", grid, iteration)
 
 
@@ -300,6 +302,9 @@ def train(cfg, d: distrib.Dist, resume: str | None = None) -> int:
     from fastgan.data import build_loader
     loader = build_loader(cfg, rank=d.rank, world_size=d.world_size, device=d.device, start_iter=start, log=log.say)
     log.say(f"data: {loader.name}, {loader.num_images:,} images, {loader.batches_per_epoch:,} batches/epoch per rank")
+    log.record({"event": "start", "start_iter": start, "device": str(d.device), "world_size": d.world_size,
+                "backend": backend, "amp": cfg.amp, "compile": cfg.compile, "step": type(step).__name__,
+                "loader": loader.name, "params_g": num_params(G), "params_d": num_params(D), "time": time.time()})
     evaluator = None
     if cfg.eval_interval > 0:
         from fastgan.metrics import LOWER_IS_BETTER, Evaluator
@@ -309,9 +314,12 @@ def train(cfg, d: distrib.Dist, resume: str | None = None) -> int:
     count, last_ckpt = 0, f"The last checkpoint is ckpt/iter_{start}.pt." if start else "No checkpoint was written."
     t_log, it_log, t0 = time.perf_counter(), start, time.time()
     progress.reset(start)
+    reals = images.RealGrid(work / "training_samples" / "real.png", cfg.num_samples,
+                            max(1, math.isqrt(cfg.num_samples)), active=d.main)
     data = iter(loader)
     for it in range(start, cfg.total_iters):
         real = next(data)
+        reals.add(real)
         acc += step.step(real, step.noise(cfg.batch_size, noise_gen))
         count += 1
         done = it + 1
@@ -331,7 +339,8 @@ def train(cfg, d: distrib.Dist, resume: str | None = None) -> int:
             log.record(entry)
             log.say(f"iter {done}/{cfg.total_iters}  loss_d {losses['loss_d']:.4f} "
                     f"(fake {losses['loss_d_fake']:.4f}, real {losses['loss_d_real']:.4f})  "
-                    f"loss_g {losses['loss_g']:.4f}  {img_s:,.1f} img/s")
+                    f"loss_g {losses['loss_g']:.4f}  D(x) {losses['d_real']:.4f}  "
+                    f"D(G(z)) {losses['d_fake']:.4f} / {losses['d_fake_g']:.4f}  {img_s:,.1f} img/s")
         if done % cfg.sample_interval == 0 or final:
             _write_samples(cfg, d, G_out, fixed_z, done, log)
         if evaluator is not None and (done % cfg.eval_interval == 0 or final):
@@ -341,8 +350,12 @@ def train(cfg, d: distrib.Dist, resume: str | None = None) -> int:
             last_ckpt = f"The last checkpoint is ckpt/iter_{done}.pt."
             if path:
                 log.say(f"saved {path}")
+                report.write_quietly(work, log.say)
     progress.close()
+    reals.close()
     _finish(cfg, d, G_out, fixed_z, cfg.total_iters, log, ema=step.ema is not None)
+    if d.main:
+        report.write_quietly(work, log.say)
     log.say(f"done: {work / 'generator.safetensors'}")
     log.close()
     return cfg.total_iters

@@ -160,7 +160,7 @@ def _ddp_worker(rank: int, world: int, init: str, seed: int) -> None:
             mine = torch.cat([p.detach().flatten() for p in flat.G.parameters()] + [losses[1][-1]])
             every = [torch.empty_like(mine) for _ in range(world)]
             dist.all_gather(every, mine)
-            n = mine.numel() - 3
+            n = mine.numel() - losses[1][-1].numel()   # parameters, then this rank's losses and D outputs
             assert torch.equal(every[0][:n], every[1][:n]), "parameters differ across ranks"
             assert not torch.equal(every[0][n:], every[1][n:]), "ranks saw the same data"
             del ddp, flat              # DDP's reducer goes before its process group does

@@ -97,11 +97,13 @@ def reference_iteration(recipe, G, D, opt_g, opt_d, real, z):
         loss_g = bce(pred, torch.ones_like(pred))
         loss_g.backward()
         opt_g.step()
-    return torch.stack([loss_fake, loss_real, loss_g]).detach()
+    d_out = [torch.sigmoid(p).mean() for p in (pred_real, pred_fake, pred)]     # D(x), D(G(z)) before/after
+    return torch.stack([loss_fake, loss_real, loss_g, *d_out]).detach()
 
 
 @pytest.mark.parametrize("recipe", ["mmgen", "pytorch_examples"])
 def test_iteration_matches_reference(recipe):
+    """Losses and D's mean outputs (sigmoid of the reference's own logits) agree each iteration."""
     cfg = C.Config(recipe=recipe, batch_size=6, model=C.ModelConfig(preset=recipe, resolution=32, base_channels=8))
     G, D = build(cfg.model)
     G2, D2 = copy.deepcopy(G), copy.deepcopy(D)
@@ -116,6 +118,7 @@ def test_iteration_matches_reference(recipe):
         assert z.shape == (2 if recipe == "mmgen" else 1, 6, 100)
         got = step.step(real, z)
         want = reference_iteration(recipe, G2, D2, opt_g, opt_d, real, z)
+        assert got.shape == (6,) and ((got[3:] > 0) & (got[3:] < 1)).all()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     # Parameters and BN running statistics (which see every D and G call, in order) agree.
     for a, b in ((G, G2), (D, D2)):
@@ -167,7 +170,9 @@ def test_smoke_run_writes_everything(tmp_path, data_args):
     out = run_script(*args, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "backend torch on cpu x1" in out.stdout and "data: " in out.stdout
-    assert sorted(p.name for p in (work / "training_samples").iterdir()) == ["iter_3.png", "iter_6.png"]
+    assert sorted(p.name for p in (work / "training_samples").iterdir()) == ["iter_3.png", "iter_6.png",
+                                                                           "progress.gif", "real.png"]
+    assert (work / "report.html").is_file()
     assert Image.open(work / "training_samples" / "iter_6.png").size == (2 * 34 + 2,) * 2     # 2x2 grid of 32 px
     assert [n for n, _ in ck.list_checkpoints(work / "ckpt")] == [6, 4]                     # keep_ckpts=2
     state = ck.load(work / "ckpt" / "iter_6.pt")
@@ -177,16 +182,17 @@ def test_smoke_run_writes_everything(tmp_path, data_args):
     assert cfg.total_iters == 6 and cfg.model.base_channels == 8
     G = ck.load_generator(work / "generator.safetensors")
     torch.testing.assert_close(G.state_dict()["output_layer.conv.weight"], state["G"]["output_layer.conv.weight"])
-    entries = log_entries(work)
+    entries = [e for e in log_entries(work) if "event" not in e]
     assert [e["iter"] for e in entries] == list(range(1, 7))
     for e in entries:
         assert {"loss_d", "loss_d_fake", "loss_d_real", "loss_g", "img_per_s", "lr_g", "time"} <= set(e)
         assert e["loss_d"] > 0 and e["loss_g"] > 0 and e["img_per_s"] > 0
+        assert all(0 < e[k] < 1 for k in ("d_real", "d_fake", "d_fake_g"))
     # The same command again: finished, says so, changes nothing.
     mtime = (work / "ckpt" / "iter_6.pt").stat().st_mtime_ns
     again = run_script(*args, cwd=ROOT)
     assert again.returncode == 0 and "already finished" in again.stdout
-    assert (work / "ckpt" / "iter_6.pt").stat().st_mtime_ns == mtime and len(log_entries(work)) == 6
+    assert (work / "ckpt" / "iter_6.pt").stat().st_mtime_ns == mtime and len(log_entries(work)) == 7   # + start
 
 
 @pytest.mark.parametrize("recipe", ["mmgen", "pytorch_examples"])
@@ -277,7 +283,8 @@ def test_torchrun_two_processes(tmp_path, data_args):
     state = ck.load(work / "ckpt" / "iter_4.pt")
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert not torch.equal(state["rng"][0]["noise"], state["rng"][1]["noise"])   # seeds offset by rank
-    assert sorted(p.name for p in (work / "training_samples").iterdir()) == ["iter_2.png", "iter_4.png"]
+    assert sorted(p.name for p in (work / "training_samples").iterdir()) == ["iter_2.png", "iter_4.png",
+                                                                           "progress.gif", "real.png"]
     entries = [e for e in log_entries(work) if "loss_g" in e]
     assert [e["iter"] for e in entries] == [1, 2, 3, 4]                      # one writer
     assert all(torch.isfinite(t).all() for t in state["G"].values() if t.is_floating_point())
