@@ -8,6 +8,7 @@ the config JSON in its metadata.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -21,13 +22,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fastgan import config as config_mod
+from fastgan.errors import UserError, WriteError, one_line
 from fastgan.models import Generator
 
 CKPT_NAME = re.compile(r"^iter_(\d+)\.pt$")
 REQUIRED = ("iteration", "G", "D", "opt_g", "opt_d", "config")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     pass
 
 
@@ -46,21 +48,54 @@ def _fsync_dir(folder: Path) -> None:
 
 def atomic_write(path: str | Path, write) -> Path:
     """`write(file_object)` into path.tmp, fsync, rename over path: a kill at any moment leaves
-    either the old file or the new one, never half of one."""
+    either the old file or the new one, never half of one. A write that fails (full disk,
+    read-only or vanished folder) removes path.tmp and raises WriteError naming path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:    # torch.save reports a failed write as a RuntimeError
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise _write_error(path, e) from e
     _fsync_dir(path.parent)
     return path
 
 
+def _write_error(path: Path, e: Exception) -> WriteError:
+    """WriteError(errno, reason, path); a RuntimeError from torch.save carries no errno, so the
+    reason is looked up: no space, a read-only or a vanished folder."""
+    if isinstance(e, OSError) and e.errno:
+        return WriteError(e.errno, e.strerror, str(path))
+    code = re.search(r"\bcode: (\d+)", str(e))       # safetensors: IoError(Os { code: 28, ... })
+    if code:
+        return WriteError(int(code.group(1)), os.strerror(int(code.group(1))), str(path))
+    folder = path.parent
+    if not folder.is_dir():
+        return WriteError(2, "its folder is gone", str(path))
+    try:
+        st = os.statvfs(folder)
+        if st.f_bavail * st.f_frsize < 1 << 20:
+            return WriteError(28, "No space left on device", str(path))
+        if st.f_flag & os.ST_RDONLY:
+            return WriteError(30, "Read-only file system", str(path))
+    except OSError:
+        pass
+    return WriteError(5, one_line(str(e))[:200], str(path))
+
+
 def save(state: dict, path: str | Path) -> Path:
-    return atomic_write(path, lambda f: torch.save(state, f))
+    """A training checkpoint. A failed write leaves every earlier checkpoint as it was."""
+    try:
+        return atomic_write(path, lambda f: torch.save(state, f))
+    except WriteError as e:
+        raise WriteError(e.errno, f"{e.strerror}; the checkpoints written before are intact: free space or "
+                         "fix the folder, then run the same command to continue from the newest", e.filename) from e
 
 
 def clean_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -78,10 +113,15 @@ def save_generator(G: torch.nn.Module, cfg, path: str | Path) -> Path:
     tensors = {k: v.contiguous() for k, v in clean_state_dict(G).items()}
     meta = {"format": "fastgan-generator", "config": config_mod.dumps(cfg)}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    except Exception as e:     # safetensors raises its own error type for a failed write
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise _write_error(path, e) from e
     _fsync_dir(path.parent)
     return path
 
@@ -122,11 +162,49 @@ def load(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:       # truncated zip, bad pickle, empty file: all unreadable
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}: {e})") from None
+        raise CheckpointError(unreadable(path, e)) from None
     missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{path} is not a fastgan training checkpoint (missing: {', '.join(missing)})")
     return state
+
+
+def unreadable(path: Path, e: Exception) -> str:
+    """Why `path` does not load, in one line. Never torch's advice to retry with
+    weights_only=False: that would run whatever code the file holds."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as err:
+        return f"cannot read checkpoint {path}: {err.strerror}"
+    if size == 0:
+        return f"cannot read checkpoint {path}: the file is empty (a write that never finished?)"
+    if head != b"PK\x03\x04":
+        return (f"cannot read checkpoint {path}: not a PyTorch checkpoint (those are zip archives; this "
+                f"file starts with {head!r})")
+    text = str(e)
+    if "Weights only load failed" in text or "Unsupported global" in text:
+        return (f"cannot read checkpoint {path}: it holds Python objects besides tensors and plain values, "
+                "which fastgan does not load (only files written by fastgan, or a state_dict of tensors)")
+    reason = next((line for line in text.splitlines() if line.strip()), type(e).__name__)
+    return f"cannot read checkpoint {path}: truncated or damaged ({reason.strip()[:160]})"
+
+
+def mismatch(model: torch.nn.Module, state: dict) -> str:
+    """How a state_dict differs from a model's, in one line: missing and unexpected keys, and
+    the first shapes that differ."""
+    want = model.state_dict()
+    missing = [k for k in want if k not in state]
+    extra = [k for k in state if k not in want]
+    shapes = [f"{k} {list(state[k].shape)} vs {list(want[k].shape)}" for k in want
+              if k in state and hasattr(state[k], "shape") and state[k].shape != want[k].shape]
+    parts = []
+    for name, items in (("shapes (file vs config)", shapes), ("missing", missing), ("unexpected", extra)):
+        if items:
+            more = f" and {len(items) - 2} more" if len(items) > 2 else ""
+            parts.append(f"{name}: {', '.join(items[:2])}{more}")
+    return "; ".join(parts) or "the keys and shapes match"
 
 
 def load_latest(ckpt_dir: str | Path, warn=None) -> tuple[Path, dict] | None:
@@ -190,12 +268,13 @@ def read_generator_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:
-            raise CheckpointError(f"cannot read {path} ({type(e).__name__}: {e})") from None
+            raise CheckpointError(f"cannot read {path}: not a safetensors file, or truncated "
+                                  f"({one_line(str(e))[:160]})") from None
         return tensors, json.loads(meta["config"]) if "config" in meta else None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}: {e})") from None
+        raise CheckpointError(unreadable(path, e)) from None
     if isinstance(state, dict) and "G" in state:
         return state["G"], state.get("config")
     if isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -217,9 +296,8 @@ def load_generator(path: str | Path, cfg=None, device: torch.device | str = "cpu
                   base_channels=m.base_channels, backend=backend)
     try:
         G.load_state_dict(tensors)
-    except RuntimeError as e:
+    except RuntimeError:
         trained = f"; it was trained with {stored['model']}" if stored and "model" in stored else ""
-        detail = "\n".join(str(e).splitlines()[:4])      # the first mismatches say enough
         raise CheckpointError(f"{path} does not fit the configured model {m}{trained} (pass the config "
-                              f"the run used, e.g. its work_dir/config.json)\n{detail}") from None
+                              f"the run used, e.g. its work_dir/config.json): {mismatch(G, tensors)}") from None
     return G.to(device).eval()

@@ -30,9 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastgan import checkpoint, distrib, images
+from fastgan import checkpoint, distrib, errors, faults, images
 from fastgan import config as config_mod
 from fastgan.models import build, num_params, resolve_backend
+from fastgan.errors import UserError
 from fastgan.progress import Progress
 from fastgan.step import TrainStep
 
@@ -48,7 +49,7 @@ config keys (--key=value; nested keys dotted, e.g. --model.base_channels=64):
 LOSS_NAMES = ("loss_d_fake", "loss_d_real", "loss_g")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     pass
 
 
@@ -83,6 +84,7 @@ class RunLog:
         self.main, self.progress = d.main, progress
         self.path = Path(cfg.work_dir) / "log.jsonl"
         self.tb = None
+        self.writes = faults.BestEffort(self.say)    # a full disk skips these; checkpoints stop the run
         if not self.main:
             return
         if self.path.is_file() and self.path.stat().st_size:
@@ -104,16 +106,19 @@ class RunLog:
     def record(self, entry: dict) -> None:
         if not self.main:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        with self.writes(f"{self.path}"):
+            with open(self.path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
         if self.tb is not None and "iter" in entry:
-            for k, v in entry.items():
-                if k not in ("iter", "time", "event") and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, entry["iter"])
+            with self.writes("TensorBoard events"):
+                for k, v in entry.items():
+                    if k not in ("iter", "time", "event") and isinstance(v, (int, float)):
+                        self.tb.add_scalar(k, v, entry["iter"])
 
     def image(self, tag: str, grid: np.ndarray, step: int) -> None:
         if self.main and self.tb is not None:
-            self.tb.add_image(tag, grid, step, dataformats="HWC")
+            with self.writes("TensorBoard events"):
+                self.tb.add_image(tag, grid, step, dataformats="HWC")
 
     def close(self) -> None:
         if self.tb is not None:
@@ -143,7 +148,8 @@ def _write_samples(cfg, d, G, z, iteration: int, log: RunLog) -> None:
     G.train()
     nrow = max(1, math.isqrt(cfg.num_samples))
     grid = images.make_grid(fake, nrow=nrow)
-    images.save_png(grid, Path(cfg.work_dir) / "training_samples" / f"iter_{iteration}.png")
+    with log.writes("sample grids"):
+        images.save_png(grid, Path(cfg.work_dir) / "training_samples" / f"iter_{iteration}.png")
     log.image("samples", grid, iteration)
 
 
@@ -192,9 +198,11 @@ def _restore(state: dict, d, G, D, step: TrainStep, noise_gen, log: RunLog) -> N
     try:
         G.load_state_dict(state["G"])
         D.load_state_dict(state["D"])
-    except RuntimeError as e:
-        raise TrainingError(f"the checkpoint's model does not fit this config's model "
-                            f"(checkpoint: {state['config'].get('model')}):\n{e}") from None
+    except RuntimeError:
+        raise TrainingError(f"the checkpoint's model does not fit this config's model (checkpoint: "
+                            f"{state['config'].get('model')}; G {checkpoint.mismatch(G, state['G'])}; "
+                            f"D {checkpoint.mismatch(D, state['D'])}): pass the config the run used, "
+                            "e.g. its work_dir/config.json, or another work_dir") from None
     changed = step.load_state_dict(state)
     if changed:
         log.say(f"optimizer settings from the config, not the checkpoint: {', '.join(changed)}")
@@ -238,7 +246,7 @@ def train(cfg, d: distrib.Dist, resume: str | None = None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")   # before fastgan.kernels first loads
     progress = Progress(cfg.total_iters, unit_items=cfg.batch_size * d.world_size, enabled=d.main)
     if d.main:
-        work.mkdir(parents=True, exist_ok=True)
+        errors.writable_dir(work, "work_dir", "pass --work_dir=DIR with a folder you can write")
         config_mod.save(cfg, work / "config.json")
     distrib.barrier(d)
     log = RunLog(cfg, d, progress)
@@ -287,7 +295,8 @@ def train(cfg, d: distrib.Dist, resume: str | None = None) -> int:
     count, last_ckpt = 0, f"The last checkpoint is ckpt/iter_{start}.pt." if start else "No checkpoint was written."
     t_log, it_log, t0 = time.perf_counter(), start, time.time()
     progress.reset(start)
-    data = iter(loader)
+    guard = faults.Guard(cfg, d, log.say, work)       # SIGTERM/SIGINT, ckpt_minutes, a dead or stalled rank
+    data = guard.watch(iter(loader), start)
     for it in range(start, cfg.total_iters):
         real = next(data)
         acc += step.step(real, step.noise(cfg.batch_size, noise_gen))
@@ -295,7 +304,8 @@ def train(cfg, d: distrib.Dist, resume: str | None = None) -> int:
         done = it + 1
         progress.update()
         final = done == cfg.total_iters
-        ckpt_now = done % cfg.ckpt_interval == 0 or final
+        due = guard.poll(done)                          # "signal" or "time": every rank agrees
+        ckpt_now = done % cfg.ckpt_interval == 0 or final or due is not None
         if done % cfg.log_interval == 0 or ckpt_now:
             losses = _read_losses(d, acc, count, done, log, last_ckpt)
             acc.zero_()
@@ -316,10 +326,17 @@ def train(cfg, d: distrib.Dist, resume: str | None = None) -> int:
             best = _evaluate(cfg, d, G, D, step, noise_gen, evaluator, LOWER_IS_BETTER, done, best, log)
         if ckpt_now:
             path = _save_checkpoint(cfg, d, G, D, step, noise_gen, done, best)
+            guard.saved(done, path)
             last_ckpt = f"The last checkpoint is ckpt/iter_{done}.pt."
             if path:
                 log.say(f"saved {path}")
+        if guard.stopping:
+            break
     progress.close()
+    guard.close()
+    if guard.stopping:                              # exit 130/143 with how to continue
+        log.close()
+        raise guard.interrupted(done)
     _finish(cfg, d, G, fixed_z, cfg.total_iters, log)
     log.say(f"done: {work / 'generator.safetensors'}")
     log.close()
@@ -352,15 +369,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_mod.load(path, overrides)
     except config_mod.ConfigError as e:
         sys.exit(f"config error: {e}")
-    d = distrib.setup(device)
+    d = distrib.setup(device, cfg.dist_timeout_s)
     try:
         train(cfg, d, resume)
-    except (TrainingError, checkpoint.CheckpointError) as e:
-        sys.exit(f"error: {e}")
+    except torch.OutOfMemoryError as e:
+        raise errors.out_of_memory(e, faults.memory_advice(cfg)) from None
     finally:
         distrib.cleanup()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    errors.main(main)

@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from fastgan.errors import UserError
 from fastgan.progress import Progress
 
 EXTENSIONS = (".jpg", ".jpeg", ".png")
 PNG_END = b"IEND\xaeB`\x82"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The data source cannot give a single usable image (or is missing, or malformed)."""
 
 
