@@ -38,7 +38,11 @@ class Interrupted(UserError):
 
 
 class WriteError(UserError, OSError):
-    """A file could not be written (full disk, read-only or vanished folder); nothing was replaced."""
+    """A file could not be written (full disk, read-only or vanished folder); nothing was replaced.
+    WriteError(errno, reason, path)."""
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}"
 
 
 def writable_dir(path, what: str, fix: str) -> None:

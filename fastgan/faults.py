@@ -44,7 +44,8 @@ failed write is warned about once and training goes on. Checkpoints are not opti
 write stops the run (checkpoint.py says which file and why; earlier checkpoints stay intact).
 
 Test hook: FASTGAN_TEST_STALL=RANK:ITERATION:SECONDS makes that rank sleep before loading that
-iteration's batch (a stalled data loader), for the tests of the watchdog and of signals.
+iteration's batch (a stalled data loader), for the tests of the watchdog and of signals; not in a
+group torchrun restarted.
 """
 
 from __future__ import annotations
@@ -225,7 +226,7 @@ def _identity(path: Path):
 
 def _stall_hook(rank: int):
     spec = os.environ.get("FASTGAN_TEST_STALL", "")
-    if not spec:
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":   # not after a restart
         return None
     r, it, seconds = spec.split(":")
     return (int(it), float(seconds)) if int(r) == rank else None
@@ -277,14 +278,10 @@ class Monitor:
     """Heartbeats through the rendezvous store, a watchdog over the loop, and the others' last
     words. One per process, started by distrib.setup after the process group is up."""
 
-    def __init__(self, rank: int, world_size: int, timeout_s: float):
+    def __init__(self, rank: int, world_size: int, timeout_s: float, store, prefix: str, thread: bool = True):
         self.rank, self.world, self.timeout = rank, world_size, timeout_s
-        self.interval = min(5.0, max(0.25, timeout_s / 20))
-        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-        self.store = dist.TCPStore(host, port, is_master=False, wait_for_workers=False,
-                                   timeout=timedelta(seconds=max(10.0, 2 * self.interval)))
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        self.prefix = f"fastgan/{os.environ.get('TORCHELASTIC_RUN_ID', port)}/{attempt}/"
+        self.interval = interval(timeout_s)
+        self.store, self.prefix = store, prefix
         self.me = {"pid": os.getpid(), "host": socket.gethostname()}
         self.seq = 0
         self.progress, self.progress_time = (0, AFTER), clock()
@@ -297,7 +294,8 @@ class Monitor:
         self.store_lost_since = None
         self._publish()
         self.thread = threading.Thread(target=self._run, name="fastgan-watchdog", daemon=True)
-        self.thread.start()
+        if thread:
+            self.thread.start()
 
     def watch(self, on: bool) -> None:
         self.progress_time = clock()
@@ -305,7 +303,8 @@ class Monitor:
 
     def close(self) -> None:
         self.stop.set()
-        self.thread.join(timeout=2 * self.interval + 1)
+        if self.thread.is_alive():
+            self.thread.join(timeout=2 * self.interval + 1)
 
     # the thread
 
@@ -449,11 +448,24 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def interval(timeout_s: float) -> float:
+    """Seconds between heartbeats: a twentieth of the timeout, 0.25 to 5 s."""
+    return min(5.0, max(0.25, timeout_s / 20))
+
+
 def start_monitor(rank: int, world_size: int, timeout_s: float) -> None:
-    """Heartbeats for this process (several ranks, after init_process_group)."""
+    """Heartbeats for this process (several ranks, after init_process_group): a client of the
+    rendezvous store of its own (torchrun's agent hosts it; rank 0 without torchrun), keys under
+    the run id and restart count so a restarted group does not read its predecessor's."""
     global _monitor
-    if world_size > 1 and _monitor is None and "MASTER_ADDR" in os.environ:
-        _monitor = Monitor(rank, world_size, timeout_s)
+    if world_size < 2 or _monitor is not None or "MASTER_ADDR" not in os.environ:
+        return
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    store = dist.TCPStore(host, port, is_master=False, wait_for_workers=False,
+                          timeout=timedelta(seconds=max(10.0, 2 * interval(timeout_s))))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    _monitor = Monitor(rank, world_size, timeout_s, store,
+                       prefix=f"fastgan/{os.environ.get('TORCHELASTIC_RUN_ID', port)}/{attempt}/")
 
 
 def stop_monitor() -> None:

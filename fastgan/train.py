@@ -365,17 +365,13 @@ def _evaluate(cfg, d, G, D, step, noise_gen, evaluator, lower_is_better, iterati
 
 def main(argv: list[str] | None = None) -> int:
     path, overrides, resume, device = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = config_mod.load(path, overrides)
-    except config_mod.ConfigError as e:
-        sys.exit(f"config error: {e}")
+    cfg = config_mod.load(path, overrides)        # a ConfigError is one line (errors.main)
     d = distrib.setup(device, cfg.dist_timeout_s)
     try:
         train(cfg, d, resume)
     except torch.OutOfMemoryError as e:
         raise errors.out_of_memory(e, faults.memory_advice(cfg)) from None
-    finally:
-        distrib.cleanup()
+    distrib.cleanup()     # not after an error: errors.main asks the heartbeats which rank failed
     return 0
 
 
