@@ -92,7 +92,7 @@ def setup(device: str | None = None, timeout_s: float = 600.0) -> Dist:
         timeout = faults.collective_timeout(timeout_s)
         try:
             dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
-                                    device_id=dev if dev.type == "cuda" else None)
+                                    device_id=dev if dev.type == "cuda" else None, **_restart_store(timeout))
         except (dist.DistError, RuntimeError, ValueError) as e:
             first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
             raise UserError(f"rank {rank} of {world_size} could not join the others through "
@@ -101,6 +101,18 @@ def setup(device: str | None = None, timeout_s: float = 600.0) -> Dist:
                             "processes (torchrun on every node, with the same --nnodes and --rdzv_endpoint)") from None
         faults.start_monitor(rank, world_size, timeout_s)
     return d
+
+
+def _restart_store(timeout) -> dict:
+    """torchrun's agent keeps one store across --max-restarts, and the keys gloo and nccl use to
+    swap addresses carry no attempt number: a restarted group reads its predecessor's addresses
+    and fails with "Connection refused" (torch 2.13). A prefix per attempt keeps them apart."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": dist.PrefixStore(f"fastgan/attempt_{attempt}", store)}
 
 
 def cleanup() -> None:

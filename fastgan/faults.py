@@ -375,7 +375,7 @@ class Monitor:
 
     def _doing(self, progress) -> str:
         it, phase = progress
-        return f"{PHASES[phase]} iteration {it}"
+        return f"{PHASES[phase]} iteration {it}" if it else "before the first iteration"
 
     def _verdict(self) -> str | None:
         words = self.last_words()
@@ -431,8 +431,8 @@ class Monitor:
             if dead:
                 r = dead[0]
                 hb = self.seen[r]
-                return (f"{self._who(r)} is gone (killed or crashed; its last heartbeat was "
-                        f"{self._doing((hb['it'], hb['phase']))}), so rank {self.rank} stops too ({first})")
+                return (f"{self._who(r)} is gone (killed or crashed; last seen {self._doing((hb['it'], hb['phase']))}"
+                        f"), so rank {self.rank} stops too ({first})")
             if clock() > deadline:
                 return f"a collective operation failed on rank {self.rank} ({first})"
             time.sleep(self.interval / 4)

@@ -33,9 +33,12 @@ QUICKSTART = str(ROOT / "configs" / "quickstart.py")
 
 @pytest.fixture(scope="module")
 def data_args(tmp_path_factory) -> list[str]:
+    return tiny_args(tmp_path_factory.mktemp("data"))
+
+
+def tiny_args(d: Path) -> list[str]:
     """test_train.py's tiny run: 64 synthetic faces at 32x32, base_channels 8, batch 8, a log line
-    per iteration."""
-    d = tmp_path_factory.mktemp("data")
+    per iteration; data and cache under d."""
     return ["--model.resolution=32", "--model.base_channels=8", "--batch_size=8", "--num_samples=4",
             "--data.source=synthetic", f"--data.root={d / 'faces'}", "--data.synthetic_count=64",
             f"--data.cache_dir={d / 'cache'}", "--data.cache=host", "--data.loader=torch",
