@@ -308,6 +308,29 @@ def test_disk_fault_on_a_real_filesystem(tmpfs, data_args, monkeypatch, capsys, 
     assert ck.load(work / "ckpt" / "iter_6.pt")["iteration"] == 6
 
 
+@pytest.mark.parametrize("how", ["tmpfs", "injected"])
+def test_full_disk_while_building_the_data_cache(tmp_path, data_args, monkeypatch, how, request):
+    """The decoded cache's space is reserved before decoding: a full disk is one line, not a
+    SIGBUS through the memory map halfway through."""
+    from fastgan.data import DataError, build_loader
+    if how == "tmpfs":
+        cache_dir = request.getfixturevalue("tmpfs")
+        with open(cache_dir / "filler", "wb", buffering=0) as f, pytest.raises(OSError):
+            while True:
+                f.write(b"\0" * 4096)
+    else:
+        cache_dir = tmp_path / "cache"
+
+        def full(fd, offset, length):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(os, "posix_fallocate", full)
+    cfg = tiny(tmp_path / "run", data_args, f"--data.cache_dir={cache_dir}")
+    with pytest.raises(DataError, match=r"cannot make room for the decoded images \(0 MiB\) in .*No space left on "
+                                        r"device.*--data.cache=off"):
+        build_loader(cfg, log=lambda m: None)
+    assert not [p for p in Path(cache_dir).iterdir() if p.name != "filler"]     # no half-built cache
+
+
 def test_deleted_work_dir_stops_the_run(tmp_path, data_args, monkeypatch, capsys):
     import shutil
     work = tmp_path / "run"

@@ -106,9 +106,7 @@ def build(paths: list[Path], root: Path, stem: Path, k: str, spec: tuple, decode
     npy, meta_path = stem.with_suffix(".npy"), stem.with_suffix(".json")
     tmp = _tmp(npy)
     try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
-                                        shape=(len(good), channels, resolution, resolution))
-        _reserve(tmp)
+        out = _allocate(tmp, (len(good), channels, resolution, resolution))
         bar = Progress(len(good), desc=f"decoding ({decoder})", enabled=show, every=10)
         failed = decode([p for p, _ in good], out, list(range(len(good))), bar, [ok for _, ok in good])
         bar.close()
@@ -133,18 +131,22 @@ def build(paths: list[Path], root: Path, stem: Path, k: str, spec: tuple, decode
     return np.load(npy, mmap_mode="r"), meta
 
 
-def _reserve(path: Path) -> None:
-    """Allocate the memory-mapped file's blocks now: on a full disk, a write through the map
-    would kill the process with SIGBUS mid-decode; this fails first, with a message."""
-    size = path.stat().st_size
+def _allocate(path: Path, shape: tuple) -> np.ndarray:
+    """The memory-mapped .npy with its blocks allocated now: on a full disk, a write through the
+    map would kill the process with SIGBUS mid-decode; this fails first, with a message."""
+    size = int(np.prod(shape))
     try:
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
         with open(path, "r+b") as f:
-            os.posix_fallocate(f.fileno(), 0, size)
+            try:
+                os.posix_fallocate(f.fileno(), 0, path.stat().st_size)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):   # else: cannot, go on
+                    raise
     except OSError as e:
-        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):   # the filesystem cannot; go on
-            return
         raise DataError(f"cannot make room for the decoded images ({size / 2**20:.0f} MiB) in {path.parent} "
                         f"({e.strerror}): {NO_CACHE_FIX}") from None
+    return out
 
 
 def to_memory(images: np.ndarray, device: torch.device, chunk: int = 8192) -> torch.Tensor:
