@@ -3,7 +3,7 @@
 A plain `python fastgan/train.py` is one process and never touches torch.distributed.
 Settings that cannot work (RANK outside WORLD_SIZE, more processes than GPUs, no MASTER_ADDR, a
 rendezvous nobody else joins) are UserErrors that say what to change. With several processes,
-fastgan.faults watches the other ranks (heartbeats, dist_timeout_s).
+fastgan.watchdog watches the other ranks (heartbeats, dist_timeout_s).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def check_env(rank: int, local_rank: int, world_size: int, local_world: int) -> 
 
 def setup(device: str | None = None, timeout_s: float = 600.0) -> Dist:
     """Read torchrun's environment, pick this process's device, join the process group.
-    timeout_s: config dist_timeout_s (fastgan.faults)."""
+    timeout_s: config dist_timeout_s (fastgan.watchdog)."""
     rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
     check_env(rank, local_rank, world_size, _env_int("LOCAL_WORLD_SIZE", world_size if "LOCAL_RANK" in os.environ else 1))
@@ -87,9 +87,9 @@ def setup(device: str | None = None, timeout_s: float = 600.0) -> Dist:
         raise UserError(f"device must be cpu or cuda, got {kind!r}")
     d = Dist(rank, local_rank, world_size, dev)
     if d.enabled and not dist.is_initialized():
-        from fastgan import faults
+        from fastgan import watchdog
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        timeout = faults.collective_timeout(timeout_s)
+        timeout = watchdog.collective_timeout(timeout_s)
         try:
             dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
                                     device_id=dev if dev.type == "cuda" else None, **_restart_store(timeout))
@@ -99,7 +99,7 @@ def setup(device: str | None = None, timeout_s: float = 600.0) -> Dist:
                             f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within "
                             f"{timeout.total_seconds():.0f} s ({first.strip()[:200]}): start all {world_size} "
                             "processes (torchrun on every node, with the same --nnodes and --rdzv_endpoint)") from None
-        faults.start_monitor(rank, world_size, timeout_s)
+        watchdog.start_monitor(rank, world_size, timeout_s)
     return d
 
 
@@ -116,8 +116,8 @@ def _restart_store(timeout) -> dict:
 
 
 def cleanup() -> None:
-    from fastgan import faults
-    faults.stop_monitor()
+    from fastgan import watchdog
+    watchdog.stop_monitor()
     if dist.is_initialized():
         dist.destroy_process_group()
 

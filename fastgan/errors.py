@@ -9,7 +9,7 @@
   torch.OutOfMemoryError, MemoryError (with the entry point's advice, `oom_hint`)            exit 1
   Interrupted (a SIGINT or SIGTERM that stopped training after a checkpoint)                 130 / 143
   KeyboardInterrupt outside the training loop                                                130
-  a collective that failed because another rank died or stalled (faults.py names the rank)  exit 1
+  a collective that failed because another rank died or stalled (watchdog.py names the rank) exit 1
 Anything else is a bug and keeps its traceback. FASTGAN_DEBUG=1 shows the traceback for all of
 them. Under torchrun the line also goes to the worker's error file, so torchrun's failure report
 names it instead of "error_file: <N/A>".
@@ -82,17 +82,19 @@ def _rank_prefix() -> str:
 
 
 def report(line: str, tell: bool = True) -> None:
-    """Print `line` to stderr, tell the other ranks (faults.py) unless `tell` is off, and leave
+    """Print `line` to stderr, tell the other ranks (watchdog.py) unless `tell` is off, and leave
     it in torchrun's error file for its failure summary."""
     print(_rank_prefix() + line, file=sys.stderr, flush=True)
     if tell:
-        from fastgan import faults     # late: faults imports torch.distributed
-        faults.tell_others(line)
+        from fastgan import watchdog     # late: it imports torch.distributed
+        watchdog.tell_others(line)
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if path:
+    if path:      # the layout torch.distributed.elastic's ErrorHandler writes; its report shows py_callstack
+        text = _rank_prefix() + line
         try:
             with open(path, "w") as f:
-                json.dump({"message": _rank_prefix() + line, "timestamp": int(time.time())}, f)
+                json.dump({"message": {"message": text, "extraInfo": {"py_callstack": text,
+                                                                      "timestamp": str(int(time.time()))}}}, f)
         except OSError:
             pass
 
@@ -118,25 +120,34 @@ def main(fn, argv=None, oom_hint: str = "try a smaller batch size") -> None:
         if debug():
             raise
         report(one_line(str(e)), tell=False)     # the other ranks stop the same way; nothing to tell
-        sys.exit(e.code)
+        _exit(e.code)
     except KeyboardInterrupt:
         if debug():
             raise
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        _exit(130)
     except (UserError, OSError) as e:
         if debug():
             raise
         report(f"error: {describe(e)}")
-        sys.exit(1)
+        _exit(1)
     except BaseException as e:
-        from fastgan import faults
-        explained = faults.explain(e)          # a collective failed: which rank, and what happened
+        from fastgan import watchdog
+        explained = watchdog.explain(e)          # a collective failed: which rank, and what happened
         if explained and not debug():
             report(f"error: {explained}")
-            faults.exit_now(1)                 # the process group may hang on teardown
+            _exit(1)
         if _is_oom(e) and not debug():
             report(f"error: {out_of_memory(e, oom_hint)}")
-            sys.exit(1)
+            _exit(1)
         raise
     sys.exit(code or 0)
+
+
+def _exit(code: int) -> None:
+    """sys.exit; with a process group up, leave without tearing it down (with a dead or stuck
+    peer, destroy_process_group can hang)."""
+    from fastgan import watchdog
+    if watchdog.group_up():
+        watchdog.exit_now(code)
+    sys.exit(code)
