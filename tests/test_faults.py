@@ -167,7 +167,8 @@ def test_second_sigint_stops_at_once_and_keeps_checkpoints(tmp_path, data_args):
 
 def test_ckpt_minutes(tmp_path, data_args, monkeypatch, capsys):
     """A clock that advances 25 s per reading: with ckpt_minutes=1, a checkpoint every third
-    iteration; each timed one is removed when the next checkpoint is written. 0 turns it off."""
+    iteration; each timed one is removed when the next checkpoint is written. (ckpt_minutes=0
+    writes none: test_sigterm_stops_with_a_checkpoint_and_the_same_command_resumes_exactly.)"""
     now = iter(range(0, 10_000, 25))
     monkeypatch.setattr(faults, "clock", lambda: next(now))
     train(tiny(tmp_path / "a", data_args, "--total_iters=8", "--ckpt_interval=100", "--sample_interval=100",
@@ -175,10 +176,6 @@ def test_ckpt_minutes(tmp_path, data_args, monkeypatch, capsys):
     saved = [line.rsplit("iter_", 1)[1] for line in capsys.readouterr().out.splitlines() if line.startswith("saved")]
     assert saved == ["3.pt", "6.pt", "8.pt"]
     assert [n for n, _ in ck.list_checkpoints(tmp_path / "a" / "ckpt")] == [8]
-    train(tiny(tmp_path / "b", data_args, "--total_iters=8", "--ckpt_interval=100", "--sample_interval=100",
-               "--ckpt_minutes=0"), Dist())
-    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("saved")] == \
-        [f"saved {tmp_path / 'b' / 'ckpt' / 'iter_8.pt'}"]
 
 
 # -- a full, read-only or deleted work_dir -------------------------------------------------------
@@ -252,11 +249,11 @@ def test_disk_full_injected(tmp_path, data_args, monkeypatch, capsys):
             path.unlink(missing_ok=True)
             path.symlink_to("/dev/full")
     after_checkpoint(monkeypatch, 2, fill)
-    code, out, err = run_main([QUICKSTART, f"--work_dir={work}", *data_args, "--total_iters=6",
+    code, out, err = run_main([QUICKSTART, f"--work_dir={work}", *data_args, "--total_iters=4",
                                "--ckpt_interval=2", "--sample_interval=1"], capsys)
     check_disk_fault(work, code, out, err, "No space left on device")
     assert out.count("warning: cannot write TensorBoard events") == 1     # it failed from iteration 1
-    assert "iter 4/6" in out                                              # training went on
+    assert "iter 4/4" in out                                              # training went on
 
 
 @pytest.fixture
@@ -292,7 +289,7 @@ def test_disk_fault_on_a_real_filesystem(tmpfs, data_args, monkeypatch, capsys, 
                 except OSError as e:
                     assert e.errno == errno.ENOSPC
     after_checkpoint(monkeypatch, 2, fill)
-    args = [QUICKSTART, f"--work_dir={work}", *data_args, "--total_iters=6", "--ckpt_interval=2", "--sample_interval=1"]
+    args = [QUICKSTART, f"--work_dir={work}", *data_args, "--total_iters=4", "--ckpt_interval=2", "--sample_interval=1"]
     code, out, err = run_main(args, capsys)
     # tmpfs appends into a file's last page without allocating: log.jsonl may still fit when full
     check_disk_fault(work, code, out, err, "Read-only file system" if fault == "read-only" else "No space left on device",
@@ -305,7 +302,7 @@ def test_disk_fault_on_a_real_filesystem(tmpfs, data_args, monkeypatch, capsys, 
     code, out, err = run_main(args, capsys)
     assert code == 0, err
     assert f"resumed from {work / 'ckpt' / 'iter_2.pt'} at iteration 2" in out
-    assert ck.load(work / "ckpt" / "iter_6.pt")["iteration"] == 6
+    assert ck.load(work / "ckpt" / "iter_4.pt")["iteration"] == 4
 
 
 @pytest.mark.parametrize("how", ["tmpfs", "injected"])
@@ -335,7 +332,7 @@ def test_deleted_work_dir_stops_the_run(tmp_path, data_args, monkeypatch, capsys
     import shutil
     work = tmp_path / "run"
     after_checkpoint(monkeypatch, 2, lambda: shutil.rmtree(work))
-    code, out, err = run_main([QUICKSTART, f"--work_dir={work}", *data_args, "--total_iters=6",
+    code, out, err = run_main([QUICKSTART, f"--work_dir={work}", *data_args, "--total_iters=4",
                                "--ckpt_interval=2", "--sample_interval=1"], capsys)
     assert code == 1 and err == [
         f"error: work_dir {work} was deleted, moved or unmounted while training (noticed after iteration 3): "
