@@ -1,7 +1,7 @@
 """Faults during a training run: a stop signal, a timed checkpoint, a rank that dies or stalls,
 a disk that fills up. train.py calls it; it holds no training logic.
 
-    guard = faults.Guard(cfg, d, log.say, work_dir)    # right before the loop
+    guard = faults.Guard(cfg, d, work_dir)              # right before the loop
     data = guard.watch(iter(loader), start)             # marks this rank's progress per batch
     due = guard.poll(done)          # each iteration: "signal" | "time" | None, the same on every rank
     guard.saved(done, path)         # after each checkpoint
@@ -9,9 +9,11 @@ a disk that fills up. train.py calls it; it holds no training logic.
 
 Signals. The first SIGTERM or SIGINT only sets a flag (and prints a line); the loop finishes the
 iteration it is in, writes a checkpoint and stops with exit status 128 + the signal number (130,
-143). The handler then gives the signal back its default action, so a second one ends the process
-at once; checkpoints are written to a temp file and renamed, so earlier ones stay intact. A signal
-set to be ignored (nohup, `&` in a script) stays ignored.
+143). Then SIGINT gets its default action back, so a second Ctrl-C ends the process at once
+(checkpoints are written to a temp file and renamed, so earlier ones stay intact), and further
+SIGTERMs are ignored: a scheduler and torchrun may both deliver one for the same stop, and
+schedulers follow up with SIGKILL after their grace period anyway. A signal set to be ignored
+(nohup, `&` in a script) stays ignored.
 
 Agreement. Every rank must stop after the same iteration, or some would wait in a collective the
 others never join. So the stop (and `ckpt_minutes`) is decided by an all-reduce (max) of each
@@ -79,12 +81,12 @@ class _SignalState:
         if self.signum:                                 # a handler left from an earlier one
             return
         self.signum = signum
-        for sig in self.previous:                       # the second signal ends the process at once
-            signal.signal(sig, signal.SIG_DFL)
-        if self.say_now:                      # os.write: print() may be mid-write here
+        for sig in self.previous:               # a second Ctrl-C ends the process; SIGTERM: see above
+            signal.signal(sig, signal.SIG_DFL if sig == signal.SIGINT else signal.SIG_IGN)
+        if self.say_now:                        # os.write: print() may be mid-write here
             name = signal.Signals(signum).name
             os.write(2, f"\n{name}: finishing this iteration, then writing a checkpoint and stopping "
-                        f"(send {name} again to stop at once, without a checkpoint)\n".encode())
+                        "(Ctrl-C again to stop at once, without a checkpoint)\n".encode())
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -97,13 +99,13 @@ class _SignalState:
             signal.signal(sig, self.handler)
 
     def restore(self) -> None:
-        """The previous handlers back, where ours (or the default action a first signal set) is
-        still in place: a later Guard's handlers stay."""
+        """The previous handlers back, where ours (or what a first signal set) is still in place:
+        a later Guard's handlers stay."""
         if threading.current_thread() is not threading.main_thread():
             return
         for sig, old in self.previous.items():
             current = signal.getsignal(sig)
-            if current == self.handler or (self.signum and current is signal.SIG_DFL):
+            if current == self.handler or (self.signum and current in (signal.SIG_DFL, signal.SIG_IGN)):
                 signal.signal(sig, old if old is not None else signal.SIG_DFL)
         self.previous.clear()
 
@@ -121,8 +123,8 @@ class Guard:
     """Signals, `ckpt_minutes`, the work_dir's existence and (several ranks) the watchdog, for
     one training loop. See the module docstring for the design."""
 
-    def __init__(self, cfg, d, say, work_dir: str | Path):
-        self.cfg, self.d, self.say = cfg, d, say
+    def __init__(self, cfg, d, work_dir: str | Path):
+        self.cfg, self.d = cfg, d
         self.work = Path(work_dir)
         self.stopping = False
         self.signum = 0

@@ -295,7 +295,7 @@ def train(cfg, d: distrib.Dist, resume: str | None = None) -> int:
     count, last_ckpt = 0, f"The last checkpoint is ckpt/iter_{start}.pt." if start else "No checkpoint was written."
     t_log, it_log, t0 = time.perf_counter(), start, time.time()
     progress.reset(start)
-    guard = faults.Guard(cfg, d, log.say, work)       # SIGTERM/SIGINT, ckpt_minutes, a dead or stalled rank
+    guard = faults.Guard(cfg, d, work)                # SIGTERM/SIGINT, ckpt_minutes, a dead or stalled rank
     data = guard.watch(iter(loader), start)
     for it in range(start, cfg.total_iters):
         real = next(data)
