@@ -68,16 +68,25 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 # -- signals -----------------------------------------------------------------------------------
 
+_installed: _SignalState | None = None     # the handlers in place now (one loop per process)
+
+
 class _SignalState:
     """What the handlers share with the Guard; kept apart so the handlers can outlive a Guard
-    (an exception out of the loop) and put the previous handlers back when it is collected."""
+    (an exception out of the loop) and put the previous handlers back when it is collected, or
+    when the next Guard starts."""
 
     def __init__(self, say_now: bool):
         self.signum = 0
         self.say_now = say_now
+        self.pid = os.getpid()
         self.previous: dict[int, object] = {}
 
     def handler(self, signum, frame):
+        if os.getpid() != self.pid:     # a forked child (a worker pool): the default action, or
+            signal.signal(signum, signal.SIG_DFL)     # Pool.terminate() would wait for it forever
+            os.kill(os.getpid(), signum)
+            return
         if self.signum:                                 # a handler left from an earlier one
             return
         self.signum = signum
@@ -89,8 +98,12 @@ class _SignalState:
                         "(Ctrl-C again to stop at once, without a checkpoint)\n".encode())
 
     def install(self) -> None:
+        global _installed
         if threading.current_thread() is not threading.main_thread():
             return
+        if _installed is not None:      # left by a loop an exception ended (tests, notebooks)
+            _installed.restore()
+        _installed = self
         for sig in SIGNALS:
             current = signal.getsignal(sig)
             if current is signal.SIG_IGN:
@@ -103,11 +116,14 @@ class _SignalState:
         a later Guard's handlers stay."""
         if threading.current_thread() is not threading.main_thread():
             return
+        global _installed
         for sig, old in self.previous.items():
             current = signal.getsignal(sig)
             if current == self.handler or (self.signum and current in (signal.SIG_DFL, signal.SIG_IGN)):
                 signal.signal(sig, old if old is not None else signal.SIG_DFL)
         self.previous.clear()
+        if _installed is self:
+            _installed = None
 
 
 def _command() -> str:

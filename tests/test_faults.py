@@ -7,6 +7,7 @@ Tiny runs as in test_train.py (32x32, base_channels 8, batch 8, 64 synthetic fac
 """
 
 import errno
+import gc
 import json
 import os
 import signal
@@ -43,6 +44,13 @@ def tiny_args(d: Path) -> list[str]:
             "--data.source=synthetic", f"--data.root={d / 'faces'}", "--data.synthetic_count=64",
             f"--data.cache_dir={d / 'cache'}", "--data.cache=host", "--data.loader=torch",
             "--data.num_workers=0", "--log_interval=1"]
+
+
+@pytest.fixture(autouse=True)
+def _collect():
+    """Run the finalizers of loops that ended in an exception: their signal handlers go."""
+    yield
+    gc.collect()
 
 
 def default_sigint():
@@ -167,6 +175,27 @@ def test_second_sigint_stops_at_once_and_keeps_checkpoints(tmp_path, data_args):
     assert proc.wait(timeout=30) == -signal.SIGINT     # a second Ctrl-C: the default action, at once
     assert [n for n, _ in ck.list_checkpoints(work / "ckpt")] == [2]
     assert (work / "ckpt" / "iter_2.pt").read_bytes() == good and not list((work / "ckpt").glob("*.tmp"))
+
+
+def test_forked_children_keep_the_default_sigterm():
+    """Handlers a loop left behind (an exception ended it) must not reach a forked worker pool:
+    Pool.terminate() sends SIGTERM and waits for the workers to die."""
+    import multiprocessing
+    before = signal.getsignal(signal.SIGTERM)
+    left = faults._SignalState(say_now=False)
+    left.install()
+    try:
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            assert pool.apply(os.getpid) != os.getpid()
+            pool.terminate()
+            pool.join()           # hangs if the worker's SIGTERM only set a flag
+        again = faults._SignalState(say_now=False)
+        again.install()           # the next loop puts the leftovers' predecessors back first
+        assert signal.getsignal(signal.SIGTERM) == again.handler and again.previous[signal.SIGTERM] == before
+        again.restore()
+    finally:
+        left.restore()
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_ckpt_minutes(tmp_path, data_args, monkeypatch, capsys):
