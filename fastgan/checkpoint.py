@@ -188,7 +188,7 @@ def unreadable(path: Path, e: Exception) -> str:
         return (f"cannot read checkpoint {path}: it holds Python objects besides tensors and plain values, "
                 "which fastgan does not load (only files written by fastgan, or a state_dict of tensors)")
     reason = next((line for line in text.splitlines() if line.strip()), type(e).__name__)
-    return f"cannot read checkpoint {path}: truncated or damaged ({reason.strip()[:160]})"
+    return f"cannot read checkpoint {path}: truncated or damaged ({reason.strip().split('. ')[0][:160]})"
 
 
 def mismatch(model: torch.nn.Module, state: dict) -> str:
