@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from fastgan import config as config_mod
+from fastgan import errors
 from fastgan.data import build_loader, dali, synthetic
 from fastgan.data.sources import list_folder
 from fastgan.data.torch_loader import decode_into
@@ -190,4 +191,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    errors.main(main)       # a user's mistake: one line, no traceback

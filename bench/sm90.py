@@ -44,6 +44,7 @@ import triton  # noqa: E402
 from triton.runtime import jit as triton_jit  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fastgan import errors  # noqa: E402
 from fastgan.config import Config  # noqa: E402
 from fastgan.kernels.fusion import PRO_ACT, PRO_DY_STATS, PRO_DY_TANH, PRO_NONE, PRO_NORM_ACT  # noqa: E402
 from fastgan.models import PRESETS, build  # noqa: E402
@@ -363,4 +364,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    errors.main(main)       # a user's mistake: one line, no traceback

@@ -51,6 +51,7 @@ if not CUDA:   # must precede the first @triton.jit definition (fastgan.kernels)
 import triton  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from fastgan import errors  # noqa: E402
 from fastgan.config import Config  # noqa: E402
 from fastgan.graph import GraphedStep  # noqa: E402
 from fastgan.models import PRESETS, build  # noqa: E402
@@ -426,4 +427,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    errors.main(main)       # a user's mistake: one line, no traceback

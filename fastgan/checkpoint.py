@@ -9,6 +9,7 @@ the config JSON in its metadata (with the EMA generator's weights when EMA is on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -23,7 +24,8 @@ from safetensors.torch import save_file
 
 from fastgan import config as config_mod
 from fastgan import convert
-from fastgan.convert import CheckpointError
+from fastgan.convert import CheckpointError, unreadable  # noqa: F401  (re-exported)
+from fastgan.errors import WriteError, one_line
 from fastgan.models import Discriminator, Generator
 
 CKPT_NAME = re.compile(r"^iter_(\d+)\.pt$")
@@ -45,21 +47,54 @@ def _fsync_dir(folder: Path) -> None:
 
 def atomic_write(path: str | Path, write) -> Path:
     """`write(file_object)` into path.tmp, fsync, rename over path: a kill at any moment leaves
-    either the old file or the new one, never half of one."""
+    either the old file or the new one, never half of one. A write that fails (full disk,
+    read-only or vanished folder) removes path.tmp and raises WriteError naming path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:    # torch.save reports a failed write as a RuntimeError
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise _write_error(path, e) from e
     _fsync_dir(path.parent)
     return path
 
 
+def _write_error(path: Path, e: Exception) -> WriteError:
+    """WriteError(errno, reason, path); a RuntimeError from torch.save carries no errno, so the
+    reason is looked up: no space, a read-only or a vanished folder."""
+    if isinstance(e, OSError) and e.errno:
+        return WriteError(e.errno, e.strerror, str(path))
+    code = re.search(r"\bcode: (\d+)", str(e))       # safetensors: IoError(Os { code: 28, ... })
+    if code:
+        return WriteError(int(code.group(1)), os.strerror(int(code.group(1))), str(path))
+    folder = path.parent
+    if not folder.is_dir():
+        return WriteError(2, "its folder is gone", str(path))
+    try:
+        st = os.statvfs(folder)
+        if st.f_bavail * st.f_frsize < 1 << 20:
+            return WriteError(28, "No space left on device", str(path))
+        if st.f_flag & os.ST_RDONLY:
+            return WriteError(30, "Read-only file system", str(path))
+    except OSError:
+        pass
+    return WriteError(5, one_line(str(e))[:200], str(path))
+
+
 def save(state: dict, path: str | Path) -> Path:
-    return atomic_write(path, lambda f: torch.save(state, f))
+    """A training checkpoint. A failed write leaves every earlier checkpoint as it was."""
+    try:
+        return atomic_write(path, lambda f: torch.save(state, f))
+    except WriteError as e:
+        raise WriteError(e.errno, f"{e.strerror}; the checkpoints written before are intact: free space or "
+                         "fix the folder, then run the same command to continue from the newest", e.filename) from e
 
 
 def clean_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -78,10 +113,15 @@ def save_generator(G: torch.nn.Module, cfg, path: str | Path, ema: bool = False)
     tensors = {k: v.contiguous() for k, v in clean_state_dict(G).items()}
     meta = {"format": "fastgan-generator", "config": config_mod.dumps(cfg), "generator": "ema" if ema else "raw"}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    except Exception as e:     # safetensors raises its own error type for a failed write
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise _write_error(path, e) from e
     _fsync_dir(path.parent)
     return path
 
@@ -129,6 +169,7 @@ def load(path: str | Path) -> dict:
         if isinstance(state.get(key), dict):
             state[key] = convert.upgrade_keys(state[key])
     return state
+
 
 
 def load_latest(ckpt_dir: str | Path, warn=None) -> tuple[Path, dict] | None:
@@ -204,7 +245,8 @@ def read_weights(path: str | Path, raw: bool = False) -> tuple[Path, convert.Wei
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
-        raise CheckpointError(f"cannot read {path} ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"cannot read {path}: not a safetensors file, or truncated "
+                              f"({one_line(str(e))[:160]})") from None
     ema = meta.get("generator") == "ema"
     w = convert.Weights(source="generator.safetensors", config=json.loads(meta["config"]) if "config" in meta else None,
                         ema_only=ema)

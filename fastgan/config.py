@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from fastgan.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     pass
 
 
@@ -101,10 +103,12 @@ class Config:
     num_samples: int = _opt(16, "images in each training sample grid")
     ckpt_interval: int = _opt(10000)
     keep_ckpts: int = _opt(20, "newest checkpoints kept")
+    ckpt_minutes: float = _opt(10.0, "also checkpoint when this many minutes passed since the last one (0: off)")
     log_interval: int = _opt(100)
     eval_interval: int = _opt(0, "0: no evaluation during training")
     init_from: Optional[str] = _opt(None, "start a new run from this checkpoint's G and D (fastgan, MMGeneration or "
                                           "MMagic; fresh optimizers, iteration 0); a work_dir with checkpoints resumes")
+    dist_timeout_s: float = _opt(600.0, "several processes: a rank stuck or gone this long stops the run")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -198,6 +202,10 @@ def validate(cfg: Config) -> Config:
     if cfg.ema.half_life_kimg <= 0 or (cfg.ema.rampup is not None and cfg.ema.rampup <= 0) or cfg.ema.start_iter < 0:
         raise ConfigError(f"ema: half_life_kimg and rampup must be positive and start_iter at least 0, got "
                           f"{cfg.ema.half_life_kimg}, {cfg.ema.rampup}, {cfg.ema.start_iter}")
+    if cfg.ckpt_minutes < 0:
+        raise ConfigError(f"ckpt_minutes: must be 0 (off) or more, got {cfg.ckpt_minutes}")
+    if not cfg.dist_timeout_s > 0:
+        raise ConfigError(f"dist_timeout_s: must be more than 0, got {cfg.dist_timeout_s}")
     if cfg.model.base_channels is not None and cfg.model.base_channels < 1:
         raise ConfigError(f"model.base_channels: must be at least 1, got {cfg.model.base_channels}")
     return cfg

@@ -23,8 +23,10 @@ from pathlib import Path
 
 import torch
 
+from fastgan.errors import UserError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read or does not fit; the message is one line a person can act on."""
 
 
@@ -64,6 +66,28 @@ def _unpickler_message(text: str) -> str:
     return kept[0].splitlines()[0] if kept else "not a weights-only checkpoint"
 
 
+def unreadable(path: Path, e: Exception) -> str:
+    """Why `path` does not load, in one line. Never torch's advice to retry with
+    weights_only=False: that would run whatever code the file holds."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as err:
+        return f"cannot read checkpoint {path}: {err.strerror}"
+    if size == 0:
+        return f"cannot read checkpoint {path}: the file is empty (a write that never finished?)"
+    if head != b"PK\x03\x04":
+        return (f"cannot read checkpoint {path}: not a PyTorch checkpoint (those are zip archives; this "
+                f"file starts with {head!r})")
+    text = str(e)
+    if "Weights only load failed" in text or "Unsupported global" in text:
+        return (f"cannot read checkpoint {path}: it holds Python objects besides tensors and plain values, "
+                "which fastgan does not load (only files written by fastgan, or a state_dict of tensors)")
+    reason = next((line for line in text.splitlines() if line.strip()), type(e).__name__)
+    return f"cannot read checkpoint {path}: truncated or damaged ({reason.strip().split('. ')[0][:160]})"
+
+
 def torch_load(path: str | Path):
     """torch.load(path, weights_only=True), with stand-ins for the objects the file names."""
     path = Path(path)
@@ -91,8 +115,7 @@ def torch_load(path: str | Path):
             raise CheckpointError(f"refusing {path}: it holds {what}; fastgan loads only tensors and "
                                   "plain data, never arbitrary pickled objects") from None
         except Exception as e:    # truncated zip, empty file, not a checkpoint at all
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}: {first[:200]})") from None
+            raise CheckpointError(unreadable(path, e)) from None
     raise CheckpointError(f"refusing {path}: it names too many Python objects to stand in for")
 
 

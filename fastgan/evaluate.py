@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from fastgan import config as config_mod
+from fastgan import errors
 from fastgan.checkpoint import CheckpointError, atomic_write, load_generator
 from fastgan.metrics import LOWER_IS_BETTER, Evaluator, InceptionWeightsError, parse_metrics
 from fastgan.models import resolve_backend
@@ -139,4 +140,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    errors.main(main, oom_hint="try a smaller --batch-size (images per forward)")

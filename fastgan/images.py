@@ -45,8 +45,13 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    _pil(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    try:
+        _pil(array).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except OSError:
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)     # no half-written file left on a full disk
+        raise
     return path
 
 

@@ -407,10 +407,14 @@ def write(work_dir: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
-def write_quietly(work_dir: str | Path, say=print) -> Path | None:
-    """write() for the training loop: a failure is one warning line, never the end of training."""
+def write_quietly(work_dir: str | Path, say=print, writes=None) -> Path | None:
+    """write() for the training loop: a failure is one warning line, never the end of training.
+    writes: train.py's faults.BestEffort, which warns about a full or read-only disk only once."""
     try:
-        return write(work_dir)
+        if writes is None:
+            return write(work_dir)
+        with writes("report.html"):
+            return write(work_dir)
     except Exception as e:  # noqa: BLE001  (the report is a view; training goes on without it)
         say(f"warning: report.html not written: {type(e).__name__}: {e}")
         return None

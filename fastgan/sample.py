@@ -34,6 +34,7 @@ import torch
 
 from fastgan import images
 from fastgan import config as config_mod
+from fastgan import errors
 from fastgan.checkpoint import CheckpointError, load_generator
 from fastgan.models import resolve_backend
 
@@ -127,4 +128,4 @@ def walks(args, G, cfg, device, backend) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    errors.main(main, oom_hint="try a smaller --batch-size (images per forward)")

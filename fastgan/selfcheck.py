@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fastgan.errors import UserError
+
 # Bounds on |a - b|_2 / |b|_2 against exact fp32, per precision of the run. Floors:
 # - fp32 1e-3: tests/parity.py holds one fused op to 1e-5 of fp64 (max-norm); a whole iteration
 #   runs ten layers forward and back, BatchNorm divides by batch standard deviations and a logit sums
@@ -49,7 +51,7 @@ FLOORS = {"fp32": 1e-3, "tf32": 1e-2, "bf16": 3e-2, "fp16": 1e-2}
 SEED = 0x5E1F   # the check's own inputs; the run's generators are never drawn from
 
 
-class SelfCheckError(RuntimeError):
+class SelfCheckError(UserError, RuntimeError):
     """backend=triton and the check failed: one line for the user."""
 
 

@@ -31,9 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastgan import animation, checkpoint, distrib, images, report, selfcheck
+from fastgan import animation, checkpoint, convert, distrib, errors, faults, images, report, selfcheck
 from fastgan import config as config_mod
 from fastgan.models import build, num_params, resolve_backend
+from fastgan.errors import UserError
 from fastgan.progress import Progress
 from fastgan.step import OUTPUTS, TrainStep
 
@@ -49,7 +50,7 @@ config keys (--key=value; nested keys dotted, e.g. --model.base_channels=64):
 LOSS_NAMES = OUTPUTS     # losses, then D(x), D(G(z)) in the D step and in the G step
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     pass
 
 
@@ -84,6 +85,7 @@ class RunLog:
         self.main, self.progress = d.main, progress
         self.path = Path(cfg.work_dir) / "log.jsonl"
         self.tb = None
+        self.writes = faults.BestEffort(self.say)    # a full disk skips these; checkpoints stop the run
         if not self.main:
             return
         if self.path.is_file() and self.path.stat().st_size:
@@ -105,16 +107,19 @@ class RunLog:
     def record(self, entry: dict) -> None:
         if not self.main:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        with self.writes(f"{self.path}"):
+            with open(self.path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
         if self.tb is not None and "iter" in entry:
-            for k, v in entry.items():
-                if k not in ("iter", "time", "event") and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, entry["iter"])
+            with self.writes("TensorBoard events"):
+                for k, v in entry.items():
+                    if k not in ("iter", "time", "event") and isinstance(v, (int, float)):
+                        self.tb.add_scalar(k, v, entry["iter"])
 
     def image(self, tag: str, grid: np.ndarray, step: int) -> None:
         if self.main and self.tb is not None:
-            self.tb.add_image(tag, grid, step, dataformats="HWC")
+            with self.writes("TensorBoard events"):
+                self.tb.add_image(tag, grid, step, dataformats="HWC")
 
     def close(self) -> None:
         if self.tb is not None:
@@ -145,8 +150,9 @@ def _write_samples(cfg, d, G, z, iteration: int, log: RunLog) -> None:
     G.train(training)
     nrow = max(1, math.isqrt(cfg.num_samples))
     grid = images.make_grid(fake, nrow=nrow)
-    path = images.save_png(grid, Path(cfg.work_dir) / "training_samples" / f"iter_{iteration}.png")
-    animation.write_progress_gif(path.parent)
+    with log.writes("sample grids"):
+        path = images.save_png(grid, Path(cfg.work_dir) / "training_samples" / f"iter_{iteration}.png")
+        animation.write_progress_gif(path.parent)
     log.image("samples", grid, iteration)
 
 
@@ -191,13 +197,9 @@ def _find_start(cfg, d, resume: str | None, log: RunLog) -> tuple[Path, dict] | 
     return found
 
 
-def _restore(state: dict, d, G, D, step: TrainStep, noise_gen, log: RunLog) -> None:
-    try:
-        G.load_state_dict(state["G"])
-        D.load_state_dict(state["D"])
-    except RuntimeError as e:
-        raise TrainingError(f"the checkpoint's model does not fit this config's model "
-                            f"(checkpoint: {state['config'].get('model')}):\n{e}") from None
+def _restore(path: Path, state: dict, d, G, D, step: TrainStep, noise_gen, log: RunLog) -> None:
+    for net, key in ((G, "G"), (D, "D")):   # a mismatch is one line naming the key and the config that fits
+        convert.load_into(net, state[key], path, key)
     changed = step.load_state_dict(state)
     if changed:
         log.say(f"settings from the config, not the checkpoint: {', '.join(changed)}")
@@ -252,7 +254,7 @@ def train(cfg, d: distrib.Dist, resume: str | None = None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")   # before fastgan.kernels first loads
     progress = Progress(cfg.total_iters, unit_items=cfg.batch_size * d.world_size, enabled=d.main)
     if d.main:
-        work.mkdir(parents=True, exist_ok=True)
+        errors.writable_dir(work, "work_dir", "pass --work_dir=DIR with a folder you can write")
         config_mod.save(cfg, work / "config.json")
     distrib.barrier(d)
     log = RunLog(cfg, d, progress)
@@ -294,7 +296,7 @@ def train(cfg, d: distrib.Dist, resume: str | None = None) -> int:
         log.say(f"ema: half-life {e.half_life_kimg:g} kimg, ramp-up {e.rampup}, from iteration {e.start_iter}; "
                 "samples, evaluation and generator.safetensors use the EMA generator")
     if found:
-        _restore(state, d, G, D, step, noise_gen, log)
+        _restore(path, state, d, G, D, step, noise_gen, log)
         del state
         log.say(f"resumed from {path} at iteration {start}")
         log.record({"event": "resume", "iter": start, "from": str(path), "time": time.time()})
@@ -316,7 +318,8 @@ def train(cfg, d: distrib.Dist, resume: str | None = None) -> int:
     progress.reset(start)
     reals = images.RealGrid(work / "training_samples" / "real.png", cfg.num_samples,
                             max(1, math.isqrt(cfg.num_samples)), active=d.main)
-    data = iter(loader)
+    guard = faults.Guard(cfg, d, work)                # SIGTERM/SIGINT, ckpt_minutes, a dead or stalled rank
+    data = guard.watch(iter(loader), start)
     for it in range(start, cfg.total_iters):
         real = next(data)
         reals.add(real)
@@ -325,7 +328,8 @@ def train(cfg, d: distrib.Dist, resume: str | None = None) -> int:
         done = it + 1
         progress.update()
         final = done == cfg.total_iters
-        ckpt_now = done % cfg.ckpt_interval == 0 or final
+        due = guard.poll(done)                          # "signal" or "time": every rank agrees
+        ckpt_now = done % cfg.ckpt_interval == 0 or final or due is not None
         if done % cfg.log_interval == 0 or ckpt_now:
             losses = _read_losses(d, acc, count, done, log, last_ckpt)
             acc.zero_()
@@ -347,15 +351,22 @@ def train(cfg, d: distrib.Dist, resume: str | None = None) -> int:
             best = _evaluate(cfg, d, G, D, step, noise_gen, evaluator, LOWER_IS_BETTER, done, best, log)
         if ckpt_now:
             path = _save_checkpoint(cfg, d, G, D, step, noise_gen, done, best)
+            guard.saved(done, path)
             last_ckpt = f"The last checkpoint is ckpt/iter_{done}.pt."
             if path:
                 log.say(f"saved {path}")
-                report.write_quietly(work, log.say)
+                report.write_quietly(work, log.say, log.writes)
+        if guard.stopping:
+            break
     progress.close()
     reals.close()
+    guard.close()
+    if guard.stopping:                              # exit 130/143 with how to continue
+        log.close()
+        raise guard.interrupted(done)
     _finish(cfg, d, G_out, fixed_z, cfg.total_iters, log, ema=step.ema is not None)
     if d.main:
-        report.write_quietly(work, log.say)
+        report.write_quietly(work, log.say, log.writes)
     log.say(f"done: {work / 'generator.safetensors'}")
     log.close()
     return cfg.total_iters
@@ -386,19 +397,15 @@ def _evaluate(cfg, d, G, D, step, noise_gen, evaluator, lower_is_better, iterati
 
 def main(argv: list[str] | None = None) -> int:
     path, overrides, resume, device = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = config_mod.load(path, overrides)
-    except config_mod.ConfigError as e:
-        sys.exit(f"config error: {e}")
-    d = distrib.setup(device)
+    cfg = config_mod.load(path, overrides)        # a ConfigError is one line (errors.main)
+    d = distrib.setup(device, cfg.dist_timeout_s)
     try:
         train(cfg, d, resume)
-    except (TrainingError, checkpoint.CheckpointError, selfcheck.SelfCheckError) as e:
-        sys.exit(f"error: {e}")
-    finally:
-        distrib.cleanup()
+    except torch.OutOfMemoryError as e:
+        raise errors.out_of_memory(e, faults.memory_advice(cfg)) from None
+    distrib.cleanup()     # not after an error: errors.main asks the heartbeats which rank failed
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    errors.main(main)

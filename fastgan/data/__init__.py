@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from . import cache, dali, synthetic, transforms
 from .sampler import ArrayLoader, Loader, Schedule
-from .sources import DataError, check_file, check_files, list_folder, read_idx
+from .sources import DataError, check_file, check_files, download_hint, list_folder, read_idx
 from .torch_loader import TorchStream, decode_into
 
 __all__ = ["build_loader", "DataError", "Loader", "Schedule"]
@@ -121,7 +121,7 @@ def build_loader(cfg, rank: int = 0, world_size: int = 1, device=torch.device("c
     else:
         paths = list_folder(root)
         if not paths:
-            raise DataError(f"no .jpg/.jpeg/.png files in {root} (data.source=folder)")
+            raise DataError(f"no .jpg/.jpeg/.png files in {root} (data.source=folder){download_hint(root)}")
     place = _placement(d.cache, device, len(paths) * m.channels * m.resolution ** 2, ctx.kind, log)
     loader = _stream_loader(ctx, root, paths) if place == "off" else _cached_loader(ctx, root, paths, place)
     log(f"data: {loader.num_images} images in {root}, {d.recipe} -> {m.resolution}x{m.resolution}x{m.channels}; "

@@ -15,6 +15,7 @@ A build checks each file's header and tail (sources.check_file), then decodes th
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -25,11 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastgan.errors import writable_dir
 from fastgan.progress import Progress
 
 from .sources import DataError, check_files
 
 FORMAT = 1
+NO_CACHE_FIX = ("free space, pass --data.cache_dir=DIR with a folder you can write, or --data.cache=off "
+                "(decode every batch, no cache)")
 
 
 def key(paths: list[Path], root: Path, spec: tuple) -> str:
@@ -89,7 +93,7 @@ def build(paths: list[Path], root: Path, stem: Path, k: str, spec: tuple, decode
           show: bool = True) -> tuple[np.ndarray, dict]:
     """Check and decode `paths` into the cache at `stem`. decode(paths, out, rows, progress, dali_ok)
     fills out[rows[i]] and returns {row: error}."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    writable_dir(stem.parent, "data.cache_dir", NO_CACHE_FIX)
     _clean_stale(stem)
     t0 = time.perf_counter()
     checks = check_files(paths, show=show)
@@ -102,8 +106,7 @@ def build(paths: list[Path], root: Path, stem: Path, k: str, spec: tuple, decode
     npy, meta_path = stem.with_suffix(".npy"), stem.with_suffix(".json")
     tmp = _tmp(npy)
     try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
-                                        shape=(len(good), channels, resolution, resolution))
+        out = _allocate(tmp, (len(good), channels, resolution, resolution))
         bar = Progress(len(good), desc=f"decoding ({decoder})", enabled=show, every=10)
         failed = decode([p for p, _ in good], out, list(range(len(good))), bar, [ok for _, ok in good])
         bar.close()
@@ -119,9 +122,31 @@ def build(paths: list[Path], root: Path, stem: Path, k: str, spec: tuple, decode
             "holes": sorted(failed), "skipped": [[os.path.relpath(f, root), w] for f, w in bad],
             "decoder": decoder, "seconds": round(time.perf_counter() - t0, 2), "built": time.strftime("%F %T")}
     tmp = _tmp(meta_path)
-    tmp.write_text(json.dumps(meta))
-    os.replace(tmp, meta_path)
+    try:
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, meta_path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"cannot write {meta_path} ({e.strerror}): {NO_CACHE_FIX}") from None
     return np.load(npy, mmap_mode="r"), meta
+
+
+def _allocate(path: Path, shape: tuple) -> np.ndarray:
+    """The memory-mapped .npy with its blocks allocated now: on a full disk, a write through the
+    map would kill the process with SIGBUS mid-decode; this fails first, with a message."""
+    size = int(np.prod(shape))
+    try:
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+        with open(path, "r+b") as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, path.stat().st_size)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):   # else: cannot, go on
+                    raise
+    except OSError as e:
+        raise DataError(f"cannot make room for the decoded images ({size / 2**20:.0f} MiB) in {path.parent} "
+                        f"({e.strerror}): {NO_CACHE_FIX}") from None
+    return out
 
 
 def to_memory(images: np.ndarray, device: torch.device, chunk: int = 8192) -> torch.Tensor:

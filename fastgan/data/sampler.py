@@ -27,8 +27,10 @@ class Schedule:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         per_rank = num_images // world_size
         if per_rank < batch_size:
+            fits = 1 << (max(per_rank, 1).bit_length() - 1)       # the largest power of two that fits
+            fix = f"use --batch_size={fits} (at most {per_rank}) or add images" if per_rank else "add images"
             raise DataError(f"{num_images} usable images give {per_rank} per rank over {world_size} "
-                            f"rank(s): fewer than one batch of {batch_size}")
+                            f"rank(s): fewer than one batch of {batch_size}; {fix}")
         self.num_images, self.batch_size, self.seed = num_images, batch_size, seed
         self.rank, self.world_size, self.flip = rank, world_size, flip
         self.batches_per_epoch = per_rank // batch_size

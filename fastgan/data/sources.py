@@ -19,21 +19,31 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from fastgan.errors import UserError
 from fastgan.progress import Progress
 
 EXTENSIONS = (".jpg", ".jpeg", ".png")
 PNG_END = b"IEND\xaeB`\x82"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The data source cannot give a single usable image (or is missing, or malformed)."""
+
+
+def download_hint(root: Path) -> str:
+    """What to fetch and where to put it, for the data sets the configs name."""
+    if root.name == "img_align_celeba":
+        return (f": download CelebA's img_align_celeba.zip (\"Align&Cropped Images\", 202,599 JPEGs, from "
+                f"mmlab.ie.cuhk.edu.hk/projects/CelebA.html) and unzip it into {root.parent}/, giving "
+                f"{root / '000001.jpg'}; or pass --data.root=DIR")
+    return ""
 
 
 def list_folder(root: str | Path) -> list[Path]:
     """Every .jpg/.jpeg/.png under root (links followed once, cycles skipped), sorted."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DataError(f"data.root {str(root)!r} is not a folder (data.source=folder needs one)")
+        raise DataError(f"data.root {str(root)!r} is not a folder (data.source=folder needs one){download_hint(root)}")
     found, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -126,11 +136,14 @@ def idx_file(root: str | Path) -> Path:
     root = Path(root).expanduser()
     if root.is_file():
         return root
+    mnist = ("download MNIST's train-images-idx3-ubyte.gz (yann.lecun.com/exdb/mnist or a mirror; Fashion-MNIST "
+             "has a file of the same name) and pass its path, e.g. --data.root=data/mnist/train-images-idx3-ubyte.gz")
     if not root.is_dir():
-        raise DataError(f"data.root {str(root)!r} does not exist (data.source=idx wants an idx file or its folder)")
+        raise DataError(f"data.root {str(root)!r} does not exist (data.source=idx wants an idx file or its "
+                        f"folder): {mnist}")
     found = sorted(p for p in root.iterdir() if "images" in p.name and "idx3" in p.name)
     if not found:
-        raise DataError(f"no *-images-idx3-ubyte[.gz] file in {root} (MNIST/Fashion-MNIST layout)")
+        raise DataError(f"no *-images-idx3-ubyte[.gz] file in {root} (MNIST/Fashion-MNIST layout): {mnist}")
     train = [p for p in found if p.name.startswith("train")]
     return (train or found)[0]
 

@@ -22,6 +22,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from fastgan.progress import Progress
 
+from .sources import DataError
+
 VERSION = 2
 WIDTH, HEIGHT = 178, 218
 MARKER = ".fastgan_synthetic.json"
@@ -164,6 +166,14 @@ def _write(root: str, indices: list[int]) -> int:
 def ensure(root: str | Path, count: int, num_workers: int = 2, log=print, show: bool = True) -> list[Path]:
     """Write the first `count` synthetic faces into `root` where missing; return their paths."""
     root = Path(root).expanduser()
+    try:
+        return _ensure(root, count, num_workers, log, show)
+    except OSError as e:
+        raise DataError(f"cannot write the synthetic images to data.root {str(root)!r} ({e.strerror or e}): "
+                        "pass --data.root=DIR with a folder you can write") from None
+
+
+def _ensure(root: Path, count: int, num_workers: int, log, show: bool) -> list[Path]:
     root.mkdir(parents=True, exist_ok=True)
     paths = [root / file_name(i) for i in range(count)]
     marker = root / MARKER

@@ -8,6 +8,7 @@ Every path through here is deterministic: a batch is a pure function of its indi
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import sys
 from pathlib import Path
 
@@ -108,6 +109,13 @@ class _Batches:
             epoch, j = epoch + 1, 0
 
 
+def _ignore_sigint(worker_id: int) -> None:
+    """A terminal's Ctrl-C reaches the workers too; the main process decides (fastgan.faults: it
+    finishes the iteration and checkpoints, which needs the batch a worker is decoding). The
+    workers end with it: the DataLoader's watchdog stops them when the main process is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class TorchStream(Loader):
     """Decode with PIL in a DataLoader every batch (no cache)."""
 
@@ -121,6 +129,6 @@ class TorchStream(Loader):
     def __iter__(self):
         cuda = self.device.type == "cuda"
         loader = DataLoader(self.dataset, batch_sampler=_Batches(self.schedule, self.start_iter),
-                            num_workers=self.num_workers, pin_memory=cuda)
+                            num_workers=self.num_workers, pin_memory=cuda, worker_init_fn=_ignore_sigint)
         for batch in loader:
             yield transforms.normalize(batch.to(self.device, non_blocking=cuda), self.dtype)

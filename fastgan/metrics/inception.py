@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastgan.errors import UserError
+
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 WEIGHTS_BYTES = 95_628_359
@@ -33,7 +35,7 @@ ENV = "FASTGAN_INCEPTION"
 TEST_ENV = "FASTGAN_TEST_FEATURE_NET"
 
 
-class InceptionWeightsError(RuntimeError):
+class InceptionWeightsError(UserError, RuntimeError):
     pass
 
 
