@@ -110,7 +110,7 @@ def torch_load(path: str | Path):
                 continue
             blocked = re.search(r"GLOBAL (\S+) whose module", msg)
             if not (found or blocked or "unrecognized function" in msg or "Can only create new object" in msg):
-                raise CheckpointError(f"cannot read checkpoint {path} (UnpicklingError: {msg[:200]})") from None
+                raise CheckpointError(unreadable(path, e)) from None
             what = f"a reference to {blocked.group(1)}" if blocked else "Python objects that need code to build"
             raise CheckpointError(f"refusing {path}: it holds {what}; fastgan loads only tensors and "
                                   "plain data, never arbitrary pickled objects") from None
