@@ -12,7 +12,7 @@ ends, and the summary (summary.json, summary.md; 7 files in all: the device tool
   a  environment: GPU, SMs, driver, versions, bf16 matmul peak and copy bandwidth measured here;
      the carried Triton cache relocated and its key inputs compared (bench/triton_cache.py)
   b  correctness on CUDA: fastgan.selfcheck at the real shapes (both presets; bf16, tf32, IEEE fp32),
-     the CUDA-graph step against the eager step, and the CUDA tests of tests/test_graph.py and
+     the CUDA-graph step against the eager step, and the CUDA tests of tests/test_cuda_graph.py and
      tests/test_fused_models.py
   c  throughput (bench/throughput.py, MMGen preset): training at batch 128 (eager fp32, eager bf16,
      fastgan, torch.compile reduce-overhead), sampling at batch 1024 (the same four)
@@ -118,7 +118,7 @@ def plan(work: Path, dry: bool) -> list:
                  "each) and 6 iterations graph against eager: ~0.3 s of GPU work; 295 kernels load from the cache "
                  "(1.4 s here); CUDA context, cuDNN and cuBLAS set-up"),
             Step("b-pytest", run("b-pytest", "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                                 "tests/test_graph.py", "tests/test_fused_models.py", "-k", pytest_k,
+                                 "tests/test_cuda_graph.py", "tests/test_fused_models.py", "-k", pytest_k,
                                  f"--junitxml={work / 'b-pytest.xml'}"), 45,
                  "pytest start and collection ~10 s; 15 CUDA tests on tiny models, kernels from the cache")]),
         Stage("c", "throughput", [

@@ -32,7 +32,7 @@ import triton  # noqa: E402
 from fastgan import selfcheck  # noqa: E402
 from fastgan.checkpoint import atomic_write  # noqa: E402
 from fastgan.config import Config  # noqa: E402
-from fastgan.graph import GraphedStep  # noqa: E402
+from fastgan.cuda_graph import GraphedStep  # noqa: E402
 from fastgan.models import build  # noqa: E402
 from fastgan.step import TrainStep  # noqa: E402
 
@@ -130,7 +130,7 @@ def correct(out: Path) -> None:
 def graph_vs_eager(iters: int = 6 if CUDA else 1) -> dict:
     """MMGen, bf16 (CPU: fp32), deterministic kernels: TrainStep and GraphedStep (3 warm-up iterations, capture,
     replays) from one state over the same inputs. The same launches run captured or not, so the losses
-    agree to tests/test_graph.py's bf16 slack of 1e-3 (Adam moves a weight ~2e-4 per step)."""
+    agree to tests/test_cuda_graph.py's bf16 slack of 1e-3 (Adam moves a weight ~2e-4 per step)."""
     cfg = config("mmgen", AMP)
     torch.manual_seed(7)
     G, D = (net.to(DEVICE) for net in build(cfg.model, "triton"))

@@ -5,7 +5,7 @@ Variants (per preset, batch and mode):
   eager_bf16               reference model, eager, bf16 autocast
   compile_max_autotune     reference, bf16, torch.compile(mode="max-autotune-no-cudagraphs")
   compile_reduce_overhead  reference, bf16, torch.compile(mode="reduce-overhead") (CUDA graphs)
-  fastgan                  fused Triton kernels, bf16; train: fastgan.graph.GraphedStep (the whole
+  fastgan                  fused Triton kernels, bf16; train: fastgan.cuda_graph.GraphedStep (the whole
                            iteration compiled and captured in one CUDA graph), sample: G captured
 Modes: `train`, the full iteration of the preset's recipe (fastgan/step.py: D step and G step;
 preset mmgen with recipe mmgen, pytorch_examples with its own), and `sample`, G alone (eval, no grad).
@@ -53,7 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from fastgan import errors  # noqa: E402
 from fastgan.config import Config  # noqa: E402
-from fastgan.graph import GraphedStep  # noqa: E402
+from fastgan.cuda_graph import GraphedStep  # noqa: E402
 from fastgan.models import PRESETS, build  # noqa: E402
 from fastgan.step import TrainStep  # noqa: E402
 

@@ -56,7 +56,7 @@ DEVICE_PYTHON, DEVICE_TRITON = (3, 12), "3.6.0"     # the GPU machine's image
 # What bench/gpu_check.sh launches on the triton backend outside torch.compile (inductor compiles its
 # own copies of the kernels: those cannot be carried). Keyword arguments of bench/sm90.py's scenario().
 REAL = dict(resolution=64)
-TINY = dict(resolution=32, base_channels=8, batch=4, deterministic=True)      # tests/test_graph.py
+TINY = dict(resolution=32, base_channels=8, batch=4, deterministic=True)      # tests/test_cuda_graph.py
 SCENARIOS = {
     # stage b: fastgan.selfcheck at the real shapes: bf16, tf32 and IEEE fp32, both presets; each
     # with its sample-grid path (G eval, fp32, 16 images)
@@ -67,7 +67,7 @@ SCENARIOS = {
        for p in ("mmgen", "pytorch_examples") for mode in ("tf32", "ieee")},
     # stage b: the CUDA-graph step against the eager step, deterministic kernels
     "mmgen bf16 deterministic": dict(preset="mmgen", mode="train", batch=128, amp="bf16", deterministic=True, **REAL),
-    # stage b: the CUDA tests of tests/test_graph.py (tiny models; tf32 is torch's default there)
+    # stage b: the CUDA tests of tests/test_cuda_graph.py (tiny models; tf32 is torch's default there)
     **{f"test_graph {p} {amp}": dict(preset=p, mode="train", amp=amp, **TINY)
        for p in ("mmgen", "pytorch_examples") for amp in ("fp32", "bf16")},
     # stage b: tests/test_fused_models.py test_tf32 (G, train-mode forward)

@@ -10,7 +10,7 @@ of the run's models (the run's weights, BatchNorm statistics and random streams 
    (TF32 off): the triton backend may miss it by at most `bound(mode, own)`, where `own` is how far
    the torch backend in the run's own precision misses it. Compared: the losses, every gradient
    (max over tensors) and the samples, each as |a - b|_2 / |b|_2; everything must be finite.
-2. the step: the step the run will use (fastgan.graph.build_step's choice: the CUDA graph, and
+2. the step: the step the run will use (fastgan.cuda_graph.build_step's choice: the CUDA graph, and
    torch.compile when configured) runs its warm-up, capture and a replay on copies: no exception,
    finite losses.
 
@@ -177,7 +177,7 @@ def parity(cfg, G, D, device) -> dict:
 def run_step(cfg, G, D, device, graph: bool | None = None) -> str:
     """The step the run will use, on copies: warm-up, capture and a replay (CUDA graph), or one
     compiled iteration; raises on any failure. Returns what ran, for the log."""
-    from fastgan.graph import GraphedStep, why_not
+    from fastgan.cuda_graph import GraphedStep, why_not
     from fastgan.step import TrainStep
     graph = why_not(cfg, device) is None if graph is None else graph
     if not graph and not cfg.compile:

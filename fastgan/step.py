@@ -68,7 +68,7 @@ class TrainStep:
     """
 
     def __init__(self, cfg, G: nn.Module, D: nn.Module, device: torch.device, distributed: bool = False,
-                 compile_backend: str = "inductor"):
+                 compile_backend: str = "inductor", capturable: bool = False):
         if cfg.recipe not in ("mmgen", "pytorch_examples"):
             raise ValueError(f"recipe must be mmgen or pytorch_examples, got {cfg.recipe!r}")
         self.G, self.D, self.device = G, D, device
@@ -77,8 +77,15 @@ class TrainStep:
         self.amp_dtype = AMP_DTYPES[cfg.amp]
         cuda = device.type == "cuda"
         o = self.optim = cfg.optim
-        self.opt_g = torch.optim.Adam(G.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2), fused=cuda or None)
-        self.opt_d = torch.optim.Adam(D.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2), fused=cuda or None)
+        # capturable (fastgan/cuda_graph.py): Adam keeps its step count on the device, so one CUDA
+        # graph can replay the whole iteration, optimizer steps included.
+        self.capturable = capturable
+        adam = dict(fused=True, capturable=True) if capturable else dict(fused=cuda or None)
+        self.opt_g = torch.optim.Adam(G.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2), **adam)
+        self.opt_d = torch.optim.Adam(D.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2), **adam)
+        if capturable:     # the warm-up iterations run uncaptured on purpose: no warning
+            for opt in (self.opt_g, self.opt_d):
+                opt._warned_capturable_if_run_uncaptured = True
         # fp16 needs loss scaling; one scaler serves both optimizers (torch AMP docs, "multiple
         # models, losses, and optimizers"), updated once per iteration.
         self.fp16 = cfg.amp == "fp16"

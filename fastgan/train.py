@@ -7,6 +7,12 @@ Restarting with the same work_dir resumes from its newest readable checkpoint; a
 says so and exits. Outputs in work_dir: config.json, log.jsonl, training_samples/iter_N.png,
 real.png and progress.gif, ckpt/iter_N.pt, generator.safetensors, report.html (and TensorBoard
 events when tensorboard is installed).
+
+Read top to bottom: the run's state (`Run`, with what the loop does at its intervals: samples,
+evaluation, checkpoints, the end), how a run starts (fresh, resumed, or from another checkpoint's
+weights), then `train()`, whose loop has one section per job: step, log, sample, evaluate,
+checkpoint. The iteration itself is fastgan/step.py (fastgan/cuda_graph.py on a GPU); signals,
+timed checkpoints and dead ranks are fastgan/faults.py; the log is fastgan/runlog.py.
 """
 
 import os
@@ -22,10 +28,11 @@ try:
 except ImportError:
     sys.exit("fastgan is not installed: run `pip install -e .` in the repository root")
 
-import json
+import contextlib
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +40,12 @@ import torch
 
 from fastgan import animation, checkpoint, convert, distrib, errors, faults, images, report, selfcheck
 from fastgan import config as config_mod
-from fastgan.models import build, num_params, resolve_backend
+from fastgan.data import build_loader
 from fastgan.errors import UserError
+from fastgan.metrics import LOWER_IS_BETTER, Evaluator
+from fastgan.models import build, num_params, resolve_backend
 from fastgan.progress import Progress
+from fastgan.runlog import RunLog
 from fastgan.step import OUTPUTS, TrainStep
 
 USAGE = """usage: python fastgan/train.py CONFIG [--key=value ...] [--resume PATH] [--device cpu|cuda]
@@ -46,8 +56,6 @@ work_dir resumes from the newest readable checkpoint; --resume PATH starts from 
 
 config keys (--key=value; nested keys dotted, e.g. --model.base_channels=64):
 """
-
-LOSS_NAMES = OUTPUTS     # losses, then D(x), D(G(z)) in the D step and in the G step
 
 
 class TrainingError(UserError, RuntimeError):
@@ -78,53 +86,96 @@ def parse_args(argv: list[str]) -> tuple[str, list[str], str | None, str | None]
     return path, overrides, found["--resume"], found["--device"]
 
 
-class RunLog:
-    """log.jsonl, TensorBoard and stdout, written by rank 0 only."""
+# ---------------------------------------------------------------------------------------------
+# The run's state, and what the loop does at its intervals
 
-    def __init__(self, cfg, d: distrib.Dist, progress: Progress):
-        self.main, self.progress = d.main, progress
-        self.path = Path(cfg.work_dir) / "log.jsonl"
-        self.tb = None
-        self.writes = faults.BestEffort(self.say)    # a full disk skips these; checkpoints stop the run
-        if not self.main:
+@dataclass
+class Run:
+    """What the loop's sections share. G_out draws the sample grids, the evaluations and
+    generator.safetensors: the EMA generator when there is one, else G."""
+    cfg: config_mod.Config
+    d: distrib.Dist
+    log: RunLog
+    G: torch.nn.Module
+    D: torch.nn.Module
+    G_out: torch.nn.Module
+    noise_gen: torch.Generator
+    fixed_z: torch.Tensor              # the grids' noise: the same on every rank, device and resume
+    step: TrainStep | None = None      # None only for a run that had already finished
+    best: dict | None = None           # the best evaluation so far: {"metric", "value", "iter"}
+
+    @property
+    def work(self) -> Path:
+        return Path(self.cfg.work_dir)
+
+    def write_samples(self, iteration: int) -> None:
+        """training_samples/iter_N.png from G_out in eval mode (running statistics from rank 0),
+        and progress.gif rebuilt from the grids."""
+        distrib.broadcast_buffers(self.d, self.G_out)
+        if not self.d.main:
             return
-        if self.path.is_file() and self.path.stat().st_size:
-            with open(self.path, "rb") as f:      # a kill may have cut the last line short
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    with open(self.path, "a") as out:
-                        out.write("\n")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(Path(cfg.work_dir) / "tensorboard"))
-        except ImportError:
-            pass
+        with torch.no_grad(), _eval_mode(self.G_out):
+            fake = self.G_out(self.fixed_z)
+        grid = images.make_grid(fake, nrow=max(1, math.isqrt(self.cfg.num_samples)))
+        with self.log.writes("sample grids"):
+            path = images.save_png(grid, self.work / "training_samples" / f"iter_{iteration}.png")
+            animation.write_progress_gif(path.parent)
+        self.log.image("samples", grid, iteration)
 
-    def say(self, message: str) -> None:
-        if self.main:
-            self.progress.write(message)
+    def save_checkpoint(self, iteration: int, path: Path | None = None) -> Path | None:
+        """ckpt/iter_N.pt (or `path`) with every rank's RNG states gathered to rank 0; then the
+        oldest beyond keep_ckpts go. Returns the path on rank 0."""
+        distrib.broadcast_buffers(self.d, self.G, self.D)
+        rng = distrib.gather_objects(self.d, {**checkpoint.rng_state(), "noise": self.noise_gen.get_state()})
+        if not self.d.main:
+            return None
+        state = {"iteration": iteration, "G": checkpoint.clean_state_dict(self.G),
+                 "D": checkpoint.clean_state_dict(self.D), **self.step.state_dict(), "rng": rng,
+                 "world_size": self.d.world_size, "best": self.best, "config": config_mod.to_dict(self.cfg)}
+        ckpt_dir = self.work / "ckpt"
+        path = checkpoint.save(state, path or ckpt_dir / f"iter_{iteration}.pt")
+        checkpoint.prune(ckpt_dir, self.cfg.keep_ckpts)
+        return path
 
-    def record(self, entry: dict) -> None:
-        if not self.main:
+    def evaluate(self, evaluator: Evaluator, iteration: int) -> None:
+        """The config's metrics on G_out; ckpt/best.pt follows eval.best_metric."""
+        distrib.broadcast_buffers(self.d, self.G_out)
+        with torch.no_grad(), _eval_mode(self.G_out):
+            results = evaluator(self.G_out)
+        self.log.record({"iter": iteration, **{f"eval/{k}": v for k, v in results.items()}, "time": time.time()})
+        self.log.say(f"eval at {iteration}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+        name = self.cfg.eval.best_metric
+        if not name or name not in results:
             return
-        with self.writes(f"{self.path}"):
-            with open(self.path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
-        if self.tb is not None and "iter" in entry:
-            with self.writes("TensorBoard events"):
-                for k, v in entry.items():
-                    if k not in ("iter", "time", "event") and isinstance(v, (int, float)):
-                        self.tb.add_scalar(k, v, entry["iter"])
+        value, lower = results[name], LOWER_IS_BETTER.get(name, True)
+        if self.best is None or (value < self.best["value"] if lower else value > self.best["value"]):
+            self.best = {"metric": name, "value": value, "iter": iteration}
+            self.save_checkpoint(iteration, path=self.work / "ckpt" / "best.pt")
+            self.log.say(f"new best {name} {value:.4f}: ckpt/best.pt")
 
-    def image(self, tag: str, grid: np.ndarray, step: int) -> None:
-        if self.main and self.tb is not None:
-            with self.writes("TensorBoard events"):
-                self.tb.add_image(tag, grid, step, dataformats="HWC")
+    def finish(self, iteration: int, ema: bool | None = None) -> None:
+        """The last sample grid and generator.safetensors (also after a kill between them). ema:
+        whether G_out holds EMA weights (default: whether it is the EMA generator)."""
+        if not (self.work / "training_samples" / f"iter_{iteration}.png").is_file():
+            self.write_samples(iteration)
+        if self.d.main:
+            ema = self.G_out is not self.G if ema is None else ema
+            checkpoint.save_generator(self.G_out, self.cfg, self.work / "generator.safetensors", ema=ema)
 
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
 
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module):
+    """The module in eval mode inside the block, in its previous mode after."""
+    training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(training)
+
+
+# ---------------------------------------------------------------------------------------------
+# How a run starts: fresh, resumed from a checkpoint, or from another checkpoint's weights
 
 def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
@@ -132,51 +183,13 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def _fixed_noise(cfg, G, device) -> torch.Tensor:
-    """The sample grids' noise: from cfg.seed alone, drawn on the CPU, so the same on every
-    rank, device and resume."""
-    return G.sample_noise(cfg.num_samples, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-
-
-def _write_samples(cfg, d, G, z, iteration: int, log: RunLog) -> None:
-    """training_samples/iter_N.png from G in eval mode (running statistics synced from rank 0)."""
-    distrib.broadcast_buffers(d, G)
-    if not d.main:
-        return
-    training = G.training
-    G.eval()
-    with torch.no_grad():
-        fake = G(z)
-    G.train(training)
-    nrow = max(1, math.isqrt(cfg.num_samples))
-    grid = images.make_grid(fake, nrow=nrow)
-    with log.writes("sample grids"):
-        path = images.save_png(grid, Path(cfg.work_dir) / "training_samples" / f"iter_{iteration}.png")
-        animation.write_progress_gif(path.parent)
-    log.image("samples", grid, iteration)
-
-
-def _save_checkpoint(cfg, d, G, D, step: TrainStep, noise_gen, iteration: int, best: dict | None,
-                     path: Path | None = None) -> Path | None:
-    """ckpt/iter_N.pt (every rank's RNG states gathered to rank 0), then prune."""
-    distrib.broadcast_buffers(d, G, D)
-    rng = distrib.gather_objects(d, {**checkpoint.rng_state(), "noise": noise_gen.get_state()})
-    if not d.main:
-        return None
-    state = {"iteration": iteration, "G": checkpoint.clean_state_dict(G), "D": checkpoint.clean_state_dict(D),
-             **step.state_dict(), "rng": rng, "world_size": d.world_size, "best": best,
-             "config": config_mod.to_dict(cfg)}
-    ckpt_dir = Path(cfg.work_dir) / "ckpt"
-    path = checkpoint.save(state, path or ckpt_dir / f"iter_{iteration}.pt")
-    checkpoint.prune(ckpt_dir, cfg.keep_ckpts)
-    return path
-
-
 def _find_start(cfg, d, resume: str | None, log: RunLog) -> tuple[Path, dict] | None:
+    """The checkpoint to resume from: `resume` if given (unreadable is an error), else the newest
+    readable one in work_dir/ckpt; None for a fresh run."""
     ckpt_dir = Path(cfg.work_dir) / "ckpt"
     found, error = None, None
     if resume:
-        try:        # named explicitly: unreadable is an error
+        try:
             found = Path(resume), checkpoint.load(resume)
         except checkpoint.CheckpointError as e:
             error = str(e)
@@ -197,19 +210,22 @@ def _find_start(cfg, d, resume: str | None, log: RunLog) -> tuple[Path, dict] | 
     return found
 
 
-def _restore(path: Path, state: dict, d, G, D, step: TrainStep, noise_gen, log: RunLog) -> None:
-    for net, key in ((G, "G"), (D, "D")):   # a mismatch is one line naming the key and the config that fits
+def _restore(run: Run, path: Path, state: dict) -> None:
+    """G, D, the optimizers, the EMA and every RNG state from a checkpoint."""
+    for net, key in ((run.G, "G"), (run.D, "D")):   # a mismatch: one line naming the key and the config that fits
         convert.load_into(net, state[key], path, key)
-    changed = step.load_state_dict(state)
+    changed = run.step.load_state_dict(state)
     if changed:
-        log.say(f"settings from the config, not the checkpoint: {', '.join(changed)}")
-    rng = state.get("rng") or []
+        run.log.say(f"settings from the config, not the checkpoint: {', '.join(changed)}")
+    rng, d = state.get("rng") or [], run.d
     if len(rng) == d.world_size:
         checkpoint.set_rng_state(rng[d.rank])
-        noise_gen.set_state(rng[d.rank]["noise"])
+        run.noise_gen.set_state(rng[d.rank]["noise"])
     else:
-        log.say(f"warning: checkpoint written by {len(rng)} processes, resuming with {d.world_size}: "
-                "the run continues, but not bit-identical to an uninterrupted one")
+        run.log.say(f"warning: checkpoint written by {len(rng)} processes, resuming with {d.world_size}: "
+                    "the run continues, but not bit-identical to an uninterrupted one")
+    run.log.say(f"resumed from {path} at iteration {state['iteration']}")
+    run.log.record({"event": "resume", "iter": state["iteration"], "from": str(path), "time": time.time()})
 
 
 def _init_from(cfg, G, D, found, log: RunLog) -> None:
@@ -222,32 +238,25 @@ def _init_from(cfg, G, D, found, log: RunLog) -> None:
     log.say(f"G and D initialised from {cfg.init_from} ({source}); fresh optimizers, iteration 0")
 
 
-def _finish(cfg, d, G, fixed_z, iteration: int, log: RunLog, ema: bool = False) -> None:
-    """Final sample grid and generator.safetensors (also after a kill between them); G is the EMA
-    generator when `ema`."""
-    work = Path(cfg.work_dir)
-    if not (work / "training_samples" / f"iter_{iteration}.png").is_file():
-        _write_samples(cfg, d, G, fixed_z, iteration, log)
-    if d.main:
-        checkpoint.save_generator(G, cfg, work / "generator.safetensors", ema=ema)
-
-
-def _read_losses(d, acc: torch.Tensor, count: int, iteration: int, log: RunLog,
-                 ckpt_note: str) -> dict[str, float]:
-    """The one host sync: mean losses since the last read, summed over ranks; NaN/Inf stops."""
-    total = distrib.all_sum(d, acc) / (count * d.world_size)
-    values = total.tolist()
+def _read_losses(d, acc: torch.Tensor, count: int, iteration: int, ckpt_note: str) -> dict[str, float]:
+    """The loop's one host sync: the step's outputs (OUTPUTS) averaged since the last read and over
+    ranks; a NaN or Inf stops the run."""
+    values = (distrib.all_sum(d, acc) / (count * d.world_size)).tolist()
     if not all(math.isfinite(v) for v in values):
         raise TrainingError(f"loss is not finite at iteration <= {iteration} "
-                            f"({', '.join(f'{k}={v}' for k, v in zip(LOSS_NAMES, values))}); "
+                            f"({', '.join(f'{k}={v}' for k, v in zip(OUTPUTS, values))}); "
                             f"stopped without saving. {ckpt_note} Try a lower lr, amp=fp32, or another seed.")
-    out = dict(zip(LOSS_NAMES, values))
+    out = dict(zip(OUTPUTS, values))
     out["loss_d"] = out["loss_d_fake"] + out["loss_d_real"]
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# Training
+
 def train(cfg, d: distrib.Dist, resume: str | None = None) -> int:
     """Run (or resume) training; returns the last iteration reached."""
+    # -- set up: work_dir, log, networks (the fused kernels prove themselves on a GPU first) --------
     work = Path(cfg.work_dir)
     backend = resolve_backend(cfg.backend, d.device)
     if backend == "triton" and d.device.type == "cpu":
@@ -265,62 +274,62 @@ def train(cfg, d: distrib.Dist, resume: str | None = None) -> int:
     G.deterministic = D.deterministic = cfg.deterministic
     G.to(d.device)
     D.to(d.device)
-    if backend == "triton" and d.device.type == "cuda":     # the fused kernels prove themselves first
+    if backend == "triton" and d.device.type == "cuda":
         cfg, backend = selfcheck.settle(cfg, d, G, D, log.say)
     log.say(f"backend {backend} on {d.device} x{d.world_size}, amp {cfg.amp}, compile {cfg.compile}; "
             f"G {num_params(G):,} params, D {num_params(D):,} params")
     _seed_everything(cfg.seed + d.rank)        # everything random after init differs per rank
     noise_gen = torch.Generator(d.device).manual_seed(cfg.seed + d.rank)
-    fixed_z = _fixed_noise(cfg, G, d.device)
+    fixed_z = G.sample_noise(cfg.num_samples, generator=torch.Generator().manual_seed(cfg.seed)).to(d.device)
 
+    # -- where to start: a finished run, a resumed one, or init_from --------------------------------
     found = _find_start(cfg, d, resume, log)
-    start, best = 0, None
-    if found:
+    start = found[1]["iteration"] if found else 0
+    if start >= cfg.total_iters:
         path, state = found
-        start, best = state["iteration"], state.get("best")
-        if start >= cfg.total_iters:
-            ema = cfg.ema.enabled and "G_ema" in state
-            G.load_state_dict(state["G_ema" if ema else "G"])
-            _finish(cfg, d, G, fixed_z, start, log, ema=ema)
-            log.say(f"{work} already finished: {path.name} is at iteration {start} "
-                    f"(total_iters={cfg.total_iters}). Raise --total_iters to train further.")
-            log.close()
-            return start
+        ema = cfg.ema.enabled and "G_ema" in state
+        G.load_state_dict(state["G_ema" if ema else "G"])
+        Run(cfg, d, log, G, D, G_out=G, noise_gen=noise_gen, fixed_z=fixed_z).finish(start, ema=ema)
+        log.say(f"{work} already finished: {path.name} is at iteration {start} "
+                f"(total_iters={cfg.total_iters}). Raise --total_iters to train further.")
+        log.close()
+        return start
     if cfg.init_from:
         _init_from(cfg, G, D, found, log)
-    from fastgan.graph import build_step     # the CUDA-graph step where it applies; logs which runs
-    step = build_step(cfg, G, D, d.device, distributed=d.enabled, log=log.say)
-    G_out = G if step.ema is None else step.ema.module      # draws samples, evaluations, generator.safetensors
+    # Imported here, not at the top: it imports torch._dynamo, which imports triton, and triton must
+    # see TRITON_INTERPRET (set above for the triton backend on a CPU) before it first loads.
+    from fastgan.cuda_graph import build_step
+    step = build_step(cfg, G, D, d.device, distributed=d.enabled, log=log.say)   # logs which step runs
+    run = Run(cfg, d, log, G, D, G_out=G if step.ema is None else step.ema.module, noise_gen=noise_gen,
+              fixed_z=fixed_z, step=step, best=found[1].get("best") if found else None)
     if step.ema is not None:
         e = cfg.ema
         log.say(f"ema: half-life {e.half_life_kimg:g} kimg, ramp-up {e.rampup}, from iteration {e.start_iter}; "
                 "samples, evaluation and generator.safetensors use the EMA generator")
     if found:
-        _restore(path, state, d, G, D, step, noise_gen, log)
-        del state
-        log.say(f"resumed from {path} at iteration {start}")
-        log.record({"event": "resume", "iter": start, "from": str(path), "time": time.time()})
+        _restore(run, *found)
+        del found
 
-    from fastgan.data import build_loader
+    # -- data and evaluation ----------------------------------------------------------------------
     loader = build_loader(cfg, rank=d.rank, world_size=d.world_size, device=d.device, start_iter=start, log=log.say)
     log.say(f"data: {loader.name}, {loader.num_images:,} images, {loader.batches_per_epoch:,} batches/epoch per rank")
     log.record({"event": "start", "start_iter": start, "device": str(d.device), "world_size": d.world_size,
                 "backend": backend, "amp": cfg.amp, "compile": cfg.compile, "step": type(step).__name__,
                 "loader": loader.name, "params_g": num_params(G), "params_d": num_params(D), "time": time.time()})
-    evaluator = None
-    if cfg.eval_interval > 0:
-        from fastgan.metrics import LOWER_IS_BETTER, Evaluator
-        evaluator = Evaluator(cfg, d.device, d.rank, d.world_size)
+    evaluator = Evaluator(cfg, d.device, d.rank, d.world_size) if cfg.eval_interval > 0 else None
+    reals = images.RealGrid(work / "training_samples" / "real.png", cfg.num_samples,
+                            max(1, math.isqrt(cfg.num_samples)), active=d.main)
 
-    acc = torch.zeros(len(LOSS_NAMES), device=d.device)
+    # -- the loop -----------------------------------------------------------------------------------
+    acc = torch.zeros(len(OUTPUTS), device=d.device)     # the step's outputs, summed on the device
     count, last_ckpt = 0, f"The last checkpoint is ckpt/iter_{start}.pt." if start else "No checkpoint was written."
     t_log, it_log, t0 = time.perf_counter(), start, time.time()
     progress.reset(start)
-    reals = images.RealGrid(work / "training_samples" / "real.png", cfg.num_samples,
-                            max(1, math.isqrt(cfg.num_samples)), active=d.main)
     guard = faults.Guard(cfg, d, work)                # SIGTERM/SIGINT, ckpt_minutes, a dead or stalled rank
     data = guard.watch(iter(loader), start)
+    done = start
     for it in range(start, cfg.total_iters):
+        # step: one iteration (D step, then G step), no host sync
         real = next(data)
         reals.add(real)
         acc += step.step(real, step.noise(cfg.batch_size, noise_gen))
@@ -330,27 +339,34 @@ def train(cfg, d: distrib.Dist, resume: str | None = None) -> int:
         final = done == cfg.total_iters
         due = guard.poll(done)                          # "signal" or "time": every rank agrees
         ckpt_now = done % cfg.ckpt_interval == 0 or final or due is not None
+
+        # log: the one host sync, every log_interval (and before a checkpoint)
         if done % cfg.log_interval == 0 or ckpt_now:
-            losses = _read_losses(d, acc, count, done, log, last_ckpt)
+            out = _read_losses(d, acc, count, done, last_ckpt)
             acc.zero_()
             count = 0
             now = time.perf_counter()
             img_s = (done - it_log) * cfg.batch_size * d.world_size / (now - t_log)
             t_log, it_log = now, done
-            entry = {"iter": done, **{k: round(v, 6) for k, v in losses.items()}, "img_per_s": round(img_s, 1),
-                     "lr_g": cfg.optim.lr_g, "lr_d": cfg.optim.lr_d, "elapsed_s": round(time.time() - t0, 2),
-                     "time": time.time()}
-            log.record(entry)
-            log.say(f"iter {done}/{cfg.total_iters}  loss_d {losses['loss_d']:.4f} "
-                    f"(fake {losses['loss_d_fake']:.4f}, real {losses['loss_d_real']:.4f})  "
-                    f"loss_g {losses['loss_g']:.4f}  D(x) {losses['d_real']:.4f}  "
-                    f"D(G(z)) {losses['d_fake']:.4f} / {losses['d_fake_g']:.4f}  {img_s:,.1f} img/s")
+            log.record({"iter": done, **{k: round(v, 6) for k, v in out.items()}, "img_per_s": round(img_s, 1),
+                        "lr_g": cfg.optim.lr_g, "lr_d": cfg.optim.lr_d, "elapsed_s": round(time.time() - t0, 2),
+                        "time": time.time()})
+            log.say(f"iter {done}/{cfg.total_iters}  loss_d {out['loss_d']:.4f} "
+                    f"(fake {out['loss_d_fake']:.4f}, real {out['loss_d_real']:.4f})  loss_g {out['loss_g']:.4f}  "
+                    f"D(x) {out['d_real']:.4f}  D(G(z)) {out['d_fake']:.4f} / {out['d_fake_g']:.4f}  "
+                    f"{img_s:,.1f} img/s")
+
+        # sample: the fixed-noise grid
         if done % cfg.sample_interval == 0 or final:
-            _write_samples(cfg, d, G_out, fixed_z, done, log)
+            run.write_samples(done)
+
+        # evaluate: metrics, and ckpt/best.pt
         if evaluator is not None and (done % cfg.eval_interval == 0 or final):
-            best = _evaluate(cfg, d, G, D, step, noise_gen, evaluator, LOWER_IS_BETTER, done, best, log)
+            run.evaluate(evaluator, done)
+
+        # checkpoint: every ckpt_interval, every ckpt_minutes, on a stop signal, at the end
         if ckpt_now:
-            path = _save_checkpoint(cfg, d, G, D, step, noise_gen, done, best)
+            path = run.save_checkpoint(done)
             guard.saved(done, path)
             last_ckpt = f"The last checkpoint is ckpt/iter_{done}.pt."
             if path:
@@ -358,41 +374,20 @@ def train(cfg, d: distrib.Dist, resume: str | None = None) -> int:
                 report.write_quietly(work, log.say, log.writes)
         if guard.stopping:
             break
+
+    # -- the end: stopped by a signal, or finished ----------------------------------------------------
     progress.close()
     reals.close()
     guard.close()
     if guard.stopping:                              # exit 130/143 with how to continue
         log.close()
         raise guard.interrupted(done)
-    _finish(cfg, d, G_out, fixed_z, cfg.total_iters, log, ema=step.ema is not None)
+    run.finish(cfg.total_iters)
     if d.main:
         report.write_quietly(work, log.say, log.writes)
     log.say(f"done: {work / 'generator.safetensors'}")
     log.close()
     return cfg.total_iters
-
-
-def _evaluate(cfg, d, G, D, step, noise_gen, evaluator, lower_is_better, iteration, best, log):
-    """Metrics every eval_interval (of the EMA generator when there is one); ckpt/best.pt follows
-    cfg.eval.best_metric."""
-    G_eval = G if step.ema is None else step.ema.module
-    distrib.broadcast_buffers(d, G_eval)
-    training = G_eval.training
-    G_eval.eval()
-    with torch.no_grad():
-        results = evaluator(G_eval)
-    G_eval.train(training)
-    log.record({"iter": iteration, **{f"eval/{k}": v for k, v in results.items()}, "time": time.time()})
-    log.say(f"eval at {iteration}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
-    name = cfg.eval.best_metric
-    if name and name in results:
-        value, lower = results[name], lower_is_better.get(name, True)
-        if best is None or (value < best["value"] if lower else value > best["value"]):
-            best = {"metric": name, "value": value, "iter": iteration}
-            _save_checkpoint(cfg, d, G, D, step, noise_gen, iteration, best,
-                             path=Path(cfg.work_dir) / "ckpt" / "best.pt")
-            log.say(f"new best {name} {value:.4f}: ckpt/best.pt")
-    return best
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ from fastgan import checkpoint as ck
 from fastgan import config as C
 from fastgan import images
 from fastgan.distrib import Dist
-from fastgan.graph import GraphedStep
+from fastgan.cuda_graph import GraphedStep
 from fastgan.models import build
 from fastgan.step import TrainStep
 from fastgan.train import train

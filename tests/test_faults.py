@@ -215,14 +215,14 @@ def test_ckpt_minutes(tmp_path, data_args, monkeypatch, capsys):
 
 def after_checkpoint(monkeypatch, at, fault):
     """Run `fault()` right after the checkpoint of iteration `at` is written."""
-    save = train_mod._save_checkpoint
+    save = train_mod.Run.save_checkpoint
 
-    def wrapped(cfg, d, G, D, step, noise_gen, iteration, best, path=None):
-        out = save(cfg, d, G, D, step, noise_gen, iteration, best, path)
+    def wrapped(run, iteration, path=None):
+        out = save(run, iteration, path)
         if iteration == at:
             fault()
         return out
-    monkeypatch.setattr(train_mod, "_save_checkpoint", wrapped)
+    monkeypatch.setattr(train_mod.Run, "save_checkpoint", wrapped)
 
 
 class FailingWriter:

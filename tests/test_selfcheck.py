@@ -11,7 +11,7 @@ import torch
 
 from fastgan import distrib, fused, selfcheck
 from fastgan.config import Config
-from fastgan.graph import GraphedStep
+from fastgan.cuda_graph import GraphedStep
 from fastgan.models import build
 from parity import DEVICE
 

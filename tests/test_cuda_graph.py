@@ -1,4 +1,4 @@
-"""fastgan/graph.py: GraphedStep against TrainStep.
+"""fastgan/cuda_graph.py: GraphedStep against TrainStep.
 
 CPU (about 1 minute on 2 cores, half of it the aot_eager compile; tiny models: 32x32,
 base_channels 8, batch 4): the uncaptured function equals TrainStep exactly for both recipes,
@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fastgan import config as C
-from fastgan.graph import GraphedStep, build_step, why_not
+from fastgan.cuda_graph import GraphedStep, build_step, why_not
 from fastgan.models import build
 from fastgan.step import TrainStep
 

@@ -1,7 +1,8 @@
-"""The training iteration of fastgan/step.py, captured whole in one CUDA graph and replayed.
+"""The CUDA-graph step: the training iteration of fastgan/step.py, captured whole in one CUDA
+graph and replayed.
 
 At batch 128 the MMGen iteration is ~1.6 ms of math spread over a few hundred kernel launches
-(DESIGN.md); launched one by one from Python, the gaps between them cost as much as the math.
+(bench/NOTES.md); launched one by one from Python, the gaps between them cost as much as the math.
 GraphedStep runs the same function (D step and G step, both recipes, bf16/fp32 autocast) and:
 
 - iterations 1..WARMUP_ITERS run for real, uncaptured, on a side stream: they train as TrainStep
@@ -75,30 +76,21 @@ class GraphedStep(TrainStep):
 
     capture: None = on CUDA. False runs the same function uncaptured (tests; CPU with gloo).
     compile_backend: torch.compile backend when cfg.compile ("aot_eager" in CPU tests).
-    channels_last: the static real batch in channels_last (internal; to be measured on a GPU).
     """
 
     def __init__(self, cfg, G: nn.Module, D: nn.Module, device: torch.device, distributed: bool = False,
-                 *, capture: bool | None = None, warmup: int = WARMUP_ITERS, compile_backend: str = "inductor",
-                 channels_last: bool = False):
+                 *, capture: bool | None = None, warmup: int = WARMUP_ITERS, compile_backend: str = "inductor"):
         if cfg.amp == "fp16":
             raise ValueError("GraphedStep cannot run amp=fp16: GradScaler.step reads found_inf on the host; "
-                             "use TrainStep (fastgan.graph.build_step picks it)")
-        super().__init__(dataclasses.replace(cfg, compile=False), G, D, device)   # no DDP wrapper
+                             "use TrainStep (fastgan.cuda_graph.build_step picks it)")
         cuda = device.type == "cuda"
+        # No DDP wrapper (the flat gradient buffers are all-reduced inside the graph) and no compile
+        # of TrainStep's own: the function is compiled below, as the graph will capture it.
+        super().__init__(dataclasses.replace(cfg, compile=False), G, D, device, capturable=cuda)
         self.capture = cuda if capture is None else capture
         if self.capture and not cuda:
             raise ValueError(f"CUDA graph capture needs a CUDA device, got {device}")
-        self.warmup, self.channels_last = warmup, channels_last
-        self.capturable = cuda
-        if cuda:
-            o = cfg.optim
-            self.opt_g = torch.optim.Adam(G.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2),
-                                          fused=True, capturable=True)
-            self.opt_d = torch.optim.Adam(D.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2),
-                                          fused=True, capturable=True)
-            for opt in (self.opt_g, self.opt_d):   # warm-up runs uncaptured on purpose: no warning
-                opt._warned_capturable_if_run_uncaptured = True
+        self.warmup = warmup
         self.distributed = distributed
         if distributed:
             self.world_size = dist.get_world_size()
@@ -127,8 +119,7 @@ class GraphedStep(TrainStep):
         if not self.capture:
             return self._fn(real, z)
         if self._real is None:
-            fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-            self._real = torch.empty(real.shape, dtype=real.dtype, device=self.device, memory_format=fmt)
+            self._real = torch.empty(real.shape, dtype=real.dtype, device=self.device)
             self._z = torch.empty(z.shape, dtype=z.dtype, device=self.device)
         elif real.shape != self._real.shape or z.shape != self._z.shape:
             raise ValueError(f"the CUDA graph was captured for real {tuple(self._real.shape)} and z "
