@@ -1,4 +1,4 @@
-"""Data-path throughput (issue 4 part 5), in one table:
+"""Data-path throughput, in one table:
 
   decode    JPEG -> resized uint8, img/s: DALI mixed (GPU), DALI cpu, PIL with N worker processes
   serve     img/s of finished batches: from the decoded cache (GPU, host, host->GPU) and from the

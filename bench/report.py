@@ -1,4 +1,4 @@
-"""The output side of bench/throughput.py: the markdown table, issue 5's targets, rows that
+"""The output side of bench/throughput.py: the markdown table, the speed targets, rows that
 failed, and the JSON file (written atomically, so a killed run leaves its earlier rows readable)."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def table(rows) -> str:
 
 
 def targets(rows) -> list[dict]:
-    """Issue 5's targets (MMGen preset, bf16) where the needed rows exist."""
+    """The speed targets (MMGen preset, bf16; bench/NOTES.md section 4) where the needed rows exist."""
     def get(variant, batch, mode):
         return next((r for r in rows if r["variant"] == variant and r["preset"] == "mmgen" and r["batch"] == batch
                      and r["mode"] == mode and r.get("img_per_s")), None)

@@ -1,4 +1,4 @@
-"""Training and sampling throughput, fastgan against the plain PyTorch model, in one table (issue 5).
+"""Training and sampling throughput, fastgan against the plain PyTorch model, in one table.
 
 Variants (per preset, batch and mode):
   eager_fp32               reference model, eager, fp32 (the speedup baseline)
@@ -204,7 +204,7 @@ def build_variant(args, name: str, preset: str, mode: str, device: torch.device)
 # parity
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """|a - b|_2 / |b|_2 in float64 (METHOD.md); a non-finite value anywhere gives inf."""
+    """|a - b|_2 / |b|_2 in float64; a non-finite value anywhere gives inf."""
     a, b = actual.detach().double(), expected.detach().double()
     if a.shape != b.shape:
         raise ValueError(f"shape {tuple(a.shape)} != {tuple(b.shape)}")

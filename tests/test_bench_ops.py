@@ -1,5 +1,5 @@
 """pytest-benchmark microbenchmarks: each fused op against its torch equivalent at MMGen batch-128
-shapes, bf16 (issue 5 part 2). GPU only; a CPU run skips the module (the interpreter times nothing
+shapes, bf16. GPU only; a CPU run skips the module (the interpreter times nothing
 useful), so the default `pytest` pays nothing for it.
 
     pytest tests/test_bench_ops.py --benchmark-group-by=group --benchmark-columns=median,iqr,rounds

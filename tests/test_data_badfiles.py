@@ -1,4 +1,4 @@
-"""The bad-file battery (issue 4 part 3) through every loader path (~8 s).
+"""The bad-file battery through every loader path (~8 s).
 
 Unusable files (zero bytes, truncated, random bytes, HTML saved as .jpg, a dangling link) are
 skipped and named in one warning; grayscale, RGBA, CMYK, palette and 16-bit images are converted

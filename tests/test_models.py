@@ -11,7 +11,7 @@ from fastgan.models import PRESETS, Discriminator, Generator, build, num_params,
 
 
 def expected_params(preset: str, resolution: int, channels: int, base=None) -> tuple[int, int]:
-    """Counted from DESIGN.md's layer table, independently of the module code: k4 convs,
+    """Counted from the README's layer table, independently of the module code: k4 convs,
     BN (weight + bias) after every hidden conv, biases on the outer convs for mmgen."""
     p = PRESETS[preset]
     base = base or p.base_channels
@@ -30,7 +30,7 @@ def expected_params(preset: str, resolution: int, channels: int, base=None) -> t
 
 def test_published_parameter_counts():
     G, D = build(ModelConfig(preset="mmgen", resolution=64, channels=3))
-    assert (num_params(G), num_params(D)) == (12_658_435, 11_036_289)      # DESIGN.md, MMGen
+    assert (num_params(G), num_params(D)) == (12_658_435, 11_036_289)      # the README's figures, MMGen
     G, D = build(ModelConfig(preset="pytorch_examples", resolution=64, channels=3))
     assert (num_params(G), num_params(D)) == (3_576_704, 2_765_568)        # pytorch/examples dcgan
 
@@ -77,7 +77,7 @@ def test_module_names_follow_mmgen():
                       "output_layer.conv.weight", "output_layer.conv.bias"}
     assert [b.conv.out_channels for b in G.blocks()] == [1024, 512, 256, 128, 3]
     assert [b.conv.out_channels for b in D.blocks()] == [128, 256, 512, 1024, 1]
-    # Convs followed by BN carry no bias (DESIGN.md).
+    # Convs followed by BN carry no bias (as in MMGeneration).
     assert all(b.conv.bias is None for b in [G.noise2feat, *G.upsampling, *D.downsamples[1:]])
     slopes = {b.slope for b in D.blocks() if b.act == "leaky_relu"}
     assert slopes == {0.01}

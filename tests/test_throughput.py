@@ -1,5 +1,5 @@
 """bench/throughput.py as a user runs it (CPU: toy sizes, Triton interpreter, ~3 min on 2 cores),
-and its FLOP counts against DESIGN.md's figures and an independent per-layer count."""
+and its FLOP counts against the README's figures and an independent per-layer count."""
 
 import importlib.util
 import json
@@ -26,7 +26,7 @@ def load_bench():
 
 
 def conv_flops(net: str, preset: str, resolution: int, base: int | None, channels: int = 3) -> list[int]:
-    """Forward FLOPs per image of each conv layer, from the architecture in DESIGN.md (kernel 4;
+    """Forward FLOPs per image of each conv layer, from the layer table in the README (kernel 4;
     a conv costs 2 Cin Cout 16 per output pixel, a conv-transpose the same per input pixel).
     The input and weight gradients of a layer cost the same again each."""
     base = base or {"mmgen": 128, "pytorch_examples": 64}[preset]
@@ -57,8 +57,8 @@ def expected_flops(preset, recipe, mode, resolution, base) -> int:
 
 
 @pytest.mark.parametrize("preset, recipe, gflop", [
-    ("mmgen", "mmgen", 9.80),                        # DESIGN.md "Numbers to steer by"
-    ("pytorch_examples", "mmgen", 2.48),             # DESIGN.md's 2.48 is this model under MMGen's iteration
+    ("mmgen", "mmgen", 9.80),                        # README, "The model and the recipe"
+    ("pytorch_examples", "mmgen", 2.48),             # this model under MMGen's iteration (two G forwards)
     ("pytorch_examples", "pytorch_examples", 2.27),  # its own recipe: one G forward per iteration
 ])
 def test_flops_per_image_at_full_size(preset, recipe, gflop):
