@@ -30,10 +30,10 @@ if not CUDA:   # before fastgan.kernels loads
 import triton  # noqa: E402
 
 from fastgan import selfcheck  # noqa: E402
-from fastgan.checkpoint import atomic_write  # noqa: E402
+from fastgan import files  # noqa: E402
 from fastgan.config import Config  # noqa: E402
 from fastgan.cuda_graph import GraphedStep  # noqa: E402
-from fastgan.models import build  # noqa: E402
+from fastgan.models import PRESETS, build  # noqa: E402
 from fastgan.step import TrainStep  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,12 +44,12 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 # (bf16 in the interpreter is slow) and one case each: every fused iteration there takes seconds.
 SHAPE = dict(resolution=64, base_channels=None, batch=128) if CUDA else dict(resolution=32, base_channels=4, batch=2)
 AMP = "bf16" if CUDA else "fp32"
-CASES = ([(p, m) for p in ("mmgen", "pytorch_examples") for m in ("bf16", "tf32", "ieee")] if CUDA
+CASES = ([(p, m) for p in PRESETS for m in ("bf16", "tf32", "ieee")] if CUDA
          else [("mmgen", "ieee")])
 
 
 def save(path: Path, data: dict) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(data, indent=1, default=str) + "\n").encode()))
+    files.write_text(path, json.dumps(data, indent=1, default=str) + "\n")
 
 
 def log(msg: str) -> None:

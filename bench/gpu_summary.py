@@ -9,12 +9,12 @@ logs.tar.gz (every step's log, the JSON each stage wrote, pytest's junit XML, th
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import tarfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+from fastgan import files     # bench/gpu_check.sh installs fastgan before anything imports this
 
 
 def _read(path: Path):
@@ -22,12 +22,6 @@ def _read(path: Path):
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def slug(text: str) -> str:      # bench/timing.py's (which imports torch)
@@ -50,14 +44,14 @@ def collect(summary: dict, key: str, work: Path, out: Path, date: str) -> None:
         table = _read(work / "throughput.json")
         if table:
             name = f"{slug(table['device'])}-{table['date']}.json"
-            shutil.copyfile(work / "throughput.json", out / name)
+            files.copy(work / "throughput.json", out / name)
             summary["throughput"] = {"file": name, "peak_tflops": table.get("peak_tflops"),
                                      "rows": [_row(r) for r in table["rows"]], "targets": table.get("targets", [])}
         if key == "e":
             prof = _read(work / "profile.json")
             if prof:
-                _write(out / "profile.txt", f"{prof['device']}: one replay of the MMGen bf16 step at batch 128 "
-                                            f"(captured: {prof['captured']})\n\n{prof['table']}\n")
+                files.write_text(out / "profile.txt", f"{prof['device']}: one replay of the MMGen bf16 step at "
+                                 f"batch 128 (captured: {prof['captured']})\n\n{prof['table']}\n")
                 summary["profile"] = {"total_us": prof["total_us"], "top": prof["kernels"][:5]}
     elif key == "d":
         summary["learn"] = {b: _learned(work / f"d-{b}", work / "logs" / f"d-{b}.log", out / f"samples-{b}.png")
@@ -106,7 +100,7 @@ def _learned(run: Path, log: Path, grid: Path) -> dict | None:
     lines = [ln.strip() for ln in text.replace("\r", "\n").splitlines()]
     grids = sorted((run / "training_samples").glob("iter_*.png"), key=lambda p: int(p.stem.split("_")[1]))
     if grids:
-        shutil.copyfile(grids[-1], grid)
+        files.copy(grids[-1], grid)
     return {"iterations": max((e.get("iter", 0) for e in entries), default=0),
             "img_per_s": steady[len(steady) // 2] if steady else None,
             "elapsed_s": max((e.get("elapsed_s", 0) for e in entries), default=None),
@@ -241,10 +235,9 @@ def markdown(summary: dict) -> str:
 def finish(summary: dict, work: Path, out: Path) -> str:
     """summary.json, summary.md and logs.tar.gz into out (each replaced whole); the markdown."""
     text = markdown(summary)
-    _write(out / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
-    _write(out / "summary.md", text)
-    tmp = out / "logs.tar.gz.tmp"
-    with tarfile.open(tmp, "w:gz") as tar:
+    files.write_text(out / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
+    files.write_text(out / "summary.md", text)
+    with files.atomic(out / "logs.tar.gz") as tmp, tarfile.open(tmp, "w:gz") as tar:
         for path in sorted(work.glob("*.json")) + sorted(work.glob("*.jsonl")) + sorted(work.glob("*.xml")) \
                 + sorted((work / "logs").glob("*.log")):
             tar.add(path, arcname=path.relative_to(work))
@@ -252,5 +245,4 @@ def finish(summary: dict, work: Path, out: Path) -> str:
             for name in ("log.jsonl", "config.json"):
                 if (work / run / name).is_file():
                     tar.add(work / run / name, arcname=f"{run}/{name}")
-    os.replace(tmp, out / "logs.tar.gz")
     return text

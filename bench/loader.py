@@ -29,10 +29,10 @@ import torch
 
 from fastgan import config as config_mod
 from fastgan import errors
-from fastgan.data import build_loader, dali, synthetic
+from fastgan.data import build_loader, dali, synthetic, transforms
 from fastgan.data.sources import list_folder
 from fastgan.data.torch_loader import decode_into
-from fastgan.models import build, resolve_backend
+from fastgan.models import RESOLUTIONS, build, resolve_backend
 from fastgan.step import TrainStep
 from report import write_json  # bench/*.py (bench/ is sys.path[0] when run as a script)
 from timing import device_name, sync
@@ -45,8 +45,8 @@ def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="an image folder to read instead of synthetic faces")
     p.add_argument("--images", type=int, default=20000 if cuda else 512, help="synthetic faces to write and read")
-    p.add_argument("--resolution", type=int, default=64 if cuda else 32, choices=(32, 64, 128))
-    p.add_argument("--recipe", default="resize", choices=("resize", "center_crop"))
+    p.add_argument("--resolution", type=int, default=64 if cuda else 32, choices=RESOLUTIONS)
+    p.add_argument("--recipe", default="resize", choices=transforms.RECIPES)
     p.add_argument("--batch", type=int, default=128 if cuda else 32)
     p.add_argument("--workers", type=int, nargs="+", default=[4, 8, 16] if cuda else [1, 2],
                    help="PIL decode processes to try")

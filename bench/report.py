@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fastgan.checkpoint import atomic_write
+from fastgan import files
 
 COLUMNS = [("variant", "variant", "{}"), ("preset", "preset", "{}"), ("batch", "batch", "{}"), ("mode", "mode", "{}"),
            ("img_per_s", "img/s", "{:,.1f}"), ("img_per_s_min", "min", "{:,.1f}"), ("img_per_s_max", "max", "{:,.1f}"),
@@ -55,7 +55,7 @@ def targets(rows) -> list[dict]:
 
 def write_json(path: Path, data: dict) -> None:
     """A killed run leaves the old file or the new one, never half of one."""
-    atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
+    files.write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def key(row) -> tuple:

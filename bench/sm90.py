@@ -44,7 +44,7 @@ import triton  # noqa: E402
 from triton.runtime import jit as triton_jit  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fastgan import errors  # noqa: E402
+from fastgan import errors, files  # noqa: E402
 from fastgan.config import Config  # noqa: E402
 from fastgan.kernels.fusion import PRO_ACT, PRO_DY_STATS, PRO_DY_TANH, PRO_NONE, PRO_NORM_ACT  # noqa: E402
 from fastgan.models import PRESETS, build  # noqa: E402
@@ -357,9 +357,9 @@ def main(argv=None) -> int:
           f"{sum(1 for b in built if b.hgmma)} on HGMMA, {sum(1 for b in built if b.hmma and not b.hgmma)} on HMMA; "
           f"triton {triton.__version__}", flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"triton": triton.__version__, "target": "cuda sm_90",
-                                              "smem_limit": SMEM_LIMIT,
-                                              "rows": [asdict(b) for b in built]}, indent=1))
+        files.write_text(args.out, json.dumps({"triton": triton.__version__, "target": "cuda sm_90",
+                                               "smem_limit": SMEM_LIMIT, "rows": [asdict(b) for b in built]},
+                                              indent=1))
     return 1 if bad else 0
 
 

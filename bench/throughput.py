@@ -54,7 +54,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from fastgan import errors  # noqa: E402
 from fastgan.config import Config  # noqa: E402
 from fastgan.cuda_graph import GraphedStep  # noqa: E402
-from fastgan.models import PRESETS, build  # noqa: E402
+from fastgan.models import PRESETS, RESOLUTIONS, build  # noqa: E402
 from fastgan.step import TrainStep  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench/report.py, also when imported by path
@@ -96,7 +96,7 @@ def parse(argv):
     p.add_argument("--batches", nargs="+", type=int, default=[128, 1024] if CUDA else [4])
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--resolution", type=int, default=64 if CUDA else 32, choices=(32, 64, 128))
+    p.add_argument("--resolution", type=int, default=64 if CUDA else 32, choices=RESOLUTIONS)
     p.add_argument("--base-channels", type=int, default=None if CUDA else 8,
                    help="width override (default: the preset's on CUDA, 8 on a CPU)")
     p.add_argument("--repeats", type=int, default=5, help="timed blocks per row (>= 5 for the issue)")

@@ -47,6 +47,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from fastgan import files     # fastgan alone (no torch, no triton): see `run`
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DIR = ROOT / ".triton-cache"
 PACK_SUFFIX = ".tar.gz"     # what the device call carries: .triton-cache.tar.gz (~15 MiB for ~60 MiB)
@@ -68,7 +70,7 @@ SCENARIOS = {
     # stage b: the CUDA-graph step against the eager step, deterministic kernels
     "mmgen bf16 deterministic": dict(preset="mmgen", mode="train", batch=128, amp="bf16", deterministic=True, **REAL),
     # stage b: the CUDA tests of tests/test_cuda_graph.py (tiny models; tf32 is torch's default there)
-    **{f"test_graph {p} {amp}": dict(preset=p, mode="train", amp=amp, **TINY)
+    **{f"test_cuda_graph {p} {amp}": dict(preset=p, mode="train", amp=amp, **TINY)
        for p in ("mmgen", "pytorch_examples") for amp in ("fp32", "bf16")},
     # stage b: tests/test_fused_models.py test_tf32 (G, train-mode forward)
     **{f"test_tf32 {m}": dict(preset="mmgen", mode="forward", batch=8, amp="fp32", tf32=m == "tf32",
@@ -218,7 +220,7 @@ def build(folder: Path, jobs: int, names: list[str] | None = None) -> dict:
                 "wall_s": round(time.perf_counter() - t0, 1), "launcher_s": round(time.perf_counter() - t2, 1),
                 "launchers_checked": launchers, "reloaded_from_cache": f"{sum(hits)}/{len(hits)}",
                 "errors": errors, "dirs": sorted(p.name for p in folder.iterdir() if p.is_dir())}
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    files.write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -234,10 +236,8 @@ def pack(folder: Path) -> Path:
     """The cache as one gzipped tar next to it (cubins compress ~4x): what the device call carries."""
     import tarfile
     out = _pack_path(folder)
-    tmp = out.with_name(out.name + ".tmp")
-    with tarfile.open(tmp, "w:gz") as tar:
+    with files.atomic(out) as tmp, tarfile.open(tmp, "w:gz") as tar:
         tar.add(folder, arcname=folder.name)
-    os.replace(tmp, out)
     return out
 
 
@@ -265,7 +265,7 @@ def relocate(folder: Path) -> int:
         paths = data.get("child_paths", {})
         fixed = {name: str(grp.parent / Path(p).name) for name, p in paths.items()}
         if fixed != paths:
-            grp.write_text(json.dumps({"child_paths": fixed}))
+            files.write_text(grp, json.dumps({"child_paths": fixed}))
             changed += 1
     return changed
 
@@ -394,14 +394,14 @@ def main(argv=None) -> int:
         print(f"triton cache {folder}: " + (out.get("why") or f"{out['kernels']} kernels, {out['size_mib']} MiB, "
                                             f"{out['relocated']} relocated; key inputs {inputs}"), flush=True)
         if args.json:
-            args.json.write_text(json.dumps(out, indent=1))
+            files.write_text(args.json, json.dumps(out, indent=1))
         if args.build_if_stale and (differ or not out["carried"]):
             print(f"building the cache here with {args.jobs} jobs", flush=True)
             m = build_here(folder, args.jobs)
             out["rebuilt"] = {k: m[k] for k in ("kernels", "wall_s", "compile_s", "launcher_s", "reloaded_from_cache")}
             print(_built_line(m, folder))
             if args.json:
-                args.json.write_text(json.dumps(out, indent=1))
+                files.write_text(args.json, json.dumps(out, indent=1))
         return 0
     import platform
 

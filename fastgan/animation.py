@@ -13,12 +13,13 @@ to a few MB.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from fastgan import files
 
 GRID_NAME = re.compile(r"^iter_(\d+)\.png$")
 MAX_FRAMES = 100
@@ -37,17 +38,14 @@ def to_palette(image: Image.Image) -> Image.Image:
 
 
 def save_gif(frames: list, path: str | Path, durations: int | list[int] = FRAME_MS) -> Path:
-    """Write frames (PIL images or (H, W, C) uint8 arrays) as a looping GIF; through a temp file so
-    a killed run leaves the old GIF or the new one."""
+    """Write frames (PIL images or (H, W, C) uint8 arrays) as a looping GIF, whole or not at all
+    (files.atomic): a killed run leaves the old GIF or the new one."""
     if not frames:
         raise ValueError("a GIF needs at least one frame")
     frames = [to_palette(f if isinstance(f, Image.Image) else _pil(f)) for f in frames]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
-    os.replace(tmp, path)
-    return path
+    with files.atomic(path) as tmp:
+        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
+    return Path(path)
 
 
 def _pil(array: np.ndarray) -> Image.Image:

@@ -1,5 +1,6 @@
-"""Checkpoints: atomic writes, finding the newest readable one, RNG states, and loading a generator
-or discriminator from any file fastgan knows (its own, MMGeneration's, MMagic's: fastgan/convert.py).
+"""Checkpoints: writing them (whole or not at all: fastgan/files.py), finding the newest readable
+one, RNG states, and loading a generator or discriminator from any file fastgan knows (its own,
+MMGeneration's, MMagic's: fastgan/convert.py).
 
 ckpt/iter_N.pt holds everything a resumed run needs (G, D, both optimizers, the GradScaler,
 the iteration, every rank's RNG states, the config) in a form `torch.load(weights_only=True)`
@@ -9,9 +10,7 @@ the config JSON in its metadata (with the EMA generator's weights when EMA is on
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import random
 import re
 import warnings
@@ -19,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from fastgan import config as config_mod
-from fastgan import convert
-from fastgan.convert import CheckpointError, unreadable  # noqa: F401  (re-exported)
+from fastgan import convert, files
+from fastgan.convert import CheckpointError, clean_state_dict, unreadable  # noqa: F401  (re-exported)
 from fastgan.errors import WriteError, one_line
 from fastgan.models import Discriminator, Generator
 
@@ -34,77 +33,13 @@ REQUIRED = ("iteration", "G", "D", "opt_g", "opt_d", "config")
 
 # -- writing -----------------------------------------------------------------------------------
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:       # not every platform opens folders
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | Path, write) -> Path:
-    """`write(file_object)` into path.tmp, fsync, rename over path: a kill at any moment leaves
-    either the old file or the new one, never half of one. A write that fails (full disk,
-    read-only or vanished folder) removes path.tmp and raises WriteError naming path."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:    # torch.save reports a failed write as a RuntimeError
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise _write_error(path, e) from e
-    _fsync_dir(path.parent)
-    return path
-
-
-def _write_error(path: Path, e: Exception) -> WriteError:
-    """WriteError(errno, reason, path); a RuntimeError from torch.save carries no errno, so the
-    reason is looked up: no space, a read-only or a vanished folder."""
-    if isinstance(e, OSError) and e.errno:
-        return WriteError(e.errno, e.strerror, str(path))
-    code = re.search(r"\bcode: (\d+)", str(e))       # safetensors: IoError(Os { code: 28, ... })
-    if code:
-        return WriteError(int(code.group(1)), os.strerror(int(code.group(1))), str(path))
-    folder = path.parent
-    if not folder.is_dir():
-        return WriteError(2, "its folder is gone", str(path))
-    try:
-        st = os.statvfs(folder)
-        if st.f_bavail * st.f_frsize < 1 << 20:
-            return WriteError(28, "No space left on device", str(path))
-        if st.f_flag & os.ST_RDONLY:
-            return WriteError(30, "Read-only file system", str(path))
-    except OSError:
-        pass
-    return WriteError(5, one_line(str(e))[:200], str(path))
-
-
 def save(state: dict, path: str | Path) -> Path:
     """A training checkpoint. A failed write leaves every earlier checkpoint as it was."""
-    try:
-        return atomic_write(path, lambda f: torch.save(state, f))
+    try:     # torch.save reports a failed write as a RuntimeError
+        return files.atomic_write(path, lambda f: torch.save(state, f), failures=(RuntimeError,))
     except WriteError as e:
         raise WriteError(e.errno, f"{e.strerror}; the checkpoints written before are intact: free space or "
                          "fix the folder, then run the same command to continue from the newest", e.filename) from e
-
-
-def clean_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """state_dict without torch.compile's `_orig_mod.` or DDP's `module.` prefixes, on the CPU."""
-    out = {}
-    for key, value in module.state_dict().items():
-        while key.startswith(("_orig_mod.", "module.")):
-            key = key.split(".", 1)[1]
-        out[key] = value.detach().cpu().clone()
-    return out
 
 
 def save_generator(G: torch.nn.Module, cfg, path: str | Path, ema: bool = False) -> Path:
@@ -112,18 +47,9 @@ def save_generator(G: torch.nn.Module, cfg, path: str | Path, ema: bool = False)
     EMA generator's weights (the file then holds no raw G)."""
     tensors = {k: v.contiguous() for k, v in clean_state_dict(G).items()}
     meta = {"format": "fastgan-generator", "config": config_mod.dumps(cfg), "generator": "ema" if ema else "raw"}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    with files.atomic(path, failures=(SafetensorError,)) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    except Exception as e:     # safetensors raises its own error type for a failed write
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise _write_error(path, e) from e
-    _fsync_dir(path.parent)
-    return path
+    return Path(path)
 
 
 # -- finding and reading -----------------------------------------------------------------------

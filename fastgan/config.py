@@ -6,7 +6,9 @@ start from another file with `load(path)` and `dataclasses.replace`/`override`.
     cfg = load("configs/quickstart.py", ["--total_iters=500", "--model.base_channels=64"])
 
 Every value is checked against its field's type and, where a field lists `choices`, against
-those; an unknown key or a bad value raises ConfigError naming what is valid.
+those; an unknown key or a bad value raises ConfigError naming what is valid. A set of choices is
+defined where it gets its meaning and imported here: presets, resolutions, channels and backends
+in models.py, recipes and amp dtypes in step.py, the data recipes in data/transforms.py.
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from fastgan import files
+from fastgan.data.transforms import RECIPES as DATA_RECIPES
 from fastgan.errors import UserError
+from fastgan.models import BACKEND_CHOICES, CHANNELS, PRESETS, RESOLUTIONS
+from fastgan.step import AMP_DTYPES, RECIPES
 
 
 class ConfigError(UserError, ValueError):
@@ -38,9 +44,9 @@ def _opt(default, help=""):
 
 @dataclass
 class ModelConfig:
-    preset: str = _choice("mmgen", ("mmgen", "pytorch_examples"), "architecture, init and activations")
-    resolution: int = _choice(64, (32, 64, 128), "image side in pixels")
-    channels: int = _choice(3, (1, 3), "image channels (1: grayscale, 3: RGB)")
+    preset: str = _choice("mmgen", PRESETS, "architecture, init and activations")
+    resolution: int = _choice(64, RESOLUTIONS, "image side in pixels")
+    channels: int = _choice(3, CHANNELS, "image channels (1: grayscale, 3: RGB)")
     base_channels: Optional[int] = _opt(None, "width at full resolution (G's last hidden, D's first); None: the preset's")
 
 
@@ -48,7 +54,7 @@ class ModelConfig:
 class DataConfig:
     source: str = _choice("folder", ("folder", "idx", "synthetic"), "where images come from")
     root: str = _opt("data/celeba/img_align_celeba", "image folder, idx file, or where synthetic images are written")
-    recipe: str = _choice("resize", ("resize", "center_crop"),
+    recipe: str = _choice("resize", DATA_RECIPES,
                           "resize: squash to size, aspect ignored (MMGen); center_crop: central square, then resize")
     crop_size: Optional[int] = _opt(None, "center_crop: side of the central square; None: the shorter side")
     flip: bool = _opt(False, "random horizontal flip")
@@ -91,10 +97,10 @@ class Config:
     total_iters: int = _opt(300000)
     batch_size: int = _opt(128, "per process")
     seed: int = _opt(0)
-    amp: str = _choice("fp32", ("fp32", "bf16", "fp16"), "autocast dtype (fp16 adds a GradScaler)")
+    amp: str = _choice("fp32", AMP_DTYPES, "autocast dtype (fp16 adds a GradScaler)")
     compile: bool = _opt(False, "torch.compile the training step")
-    backend: str = _choice("auto", ("auto", "torch", "triton"), "auto: triton on CUDA, torch elsewhere")
-    recipe: str = _choice("mmgen", ("mmgen", "pytorch_examples"),
+    backend: str = _choice("auto", BACKEND_CHOICES, "auto: triton on CUDA, torch elsewhere")
+    recipe: str = _choice("mmgen", RECIPES,
                           "iteration order: mmgen draws z twice and runs D on fake then real; "
                           "pytorch_examples reuses one fake batch and runs D on real first")
     deterministic: bool = _opt(False, "fused kernels reduce BN statistics without atomics")
@@ -291,10 +297,7 @@ def dumps(cfg: Config) -> str:
 
 
 def save(cfg: Config, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(dumps(cfg) + "\n")
-    tmp.replace(path)
+    files.write_text(path, dumps(cfg) + "\n")
 
 
 def describe() -> str:

@@ -153,6 +153,11 @@ def _strip(key: str, prefixes=("module.", "_orig_mod.")) -> str:
     return key
 
 
+def clean_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """state_dict without torch.compile's `_orig_mod.` or DDP's `module.` prefixes, on the CPU."""
+    return {_strip(key): value.detach().cpu().clone() for key, value in module.state_dict().items()}
+
+
 def network_kind(sd: dict) -> str | None:
     """'G' or 'D' from a bare state_dict's keys, None if it is neither."""
     keys = set(upgrade_keys({_strip(k): None for k in sd}))

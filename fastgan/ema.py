@@ -24,8 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastgan.checkpoint import clean_state_dict
-from fastgan.convert import upgrade_keys
+from fastgan.convert import clean_state_dict, upgrade_keys
 
 
 class EMA:

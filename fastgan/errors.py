@@ -90,11 +90,11 @@ def report(line: str, tell: bool = True) -> None:
         watchdog.tell_others(line)
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if path:      # the layout torch.distributed.elastic's ErrorHandler writes; its report shows py_callstack
+        from fastgan import files        # late: it imports this module
         text = _rank_prefix() + line
         try:
-            with open(path, "w") as f:
-                json.dump({"message": {"message": text, "extraInfo": {"py_callstack": text,
-                                                                      "timestamp": str(int(time.time()))}}}, f)
+            files.write_text(path, json.dumps({"message": {"message": text, "extraInfo": {
+                "py_callstack": text, "timestamp": str(int(time.time()))}}}))
         except OSError:
             pass
 

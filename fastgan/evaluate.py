@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 
 from fastgan import config as config_mod
-from fastgan import errors
-from fastgan.checkpoint import CheckpointError, atomic_write, load_generator
+from fastgan import errors, files
+from fastgan.checkpoint import CheckpointError, load_generator
 from fastgan.metrics import LOWER_IS_BETTER, Evaluator, InceptionWeightsError, parse_metrics
 from fastgan.models import resolve_backend
 
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else default_out(args.ckpt, args.raw)
     record = {"config": args.config, "overrides": overrides, "checkpoint": args.ckpt, "raw": args.raw,
               "num_samples": n, "device": str(device), "seconds": round(seconds, 2), "metrics": scores}
-    atomic_write(out, lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
+    files.write_text(out, json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

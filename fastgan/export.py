@@ -26,13 +26,13 @@ except ImportError:
 import argparse
 import importlib.util
 import logging
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
 from fastgan import config as config_mod
+from fastgan import files
 from fastgan.checkpoint import CheckpointError, load_generator
 
 DEFAULT_OPSET = 18
@@ -61,25 +61,20 @@ def export(G: torch.nn.Module, out: str | Path, opset: int = DEFAULT_OPSET) -> P
     G = G.eval()
     z = torch.randn(2, G.noise_size)
     batch = torch.export.Dim("batch", min=1)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        tmp_file = Path(tmp) / out.name
-        # The exporter warns about torchvision ops a DCGAN never uses and about pytree internals;
-        # fastgan's own line says what was written.
-        exporter_log = logging.getLogger("torch.onnx")
-        level = exporter_log.level
-        exporter_log.setLevel(logging.ERROR)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                program = torch.onnx.export(G, (z,), dynamo=True, input_names=["z"], output_names=["images"],
-                                            dynamic_shapes={"z": {0: batch}}, opset_version=opset, verbose=False)
-        finally:
-            exporter_log.setLevel(level)
-        program.save(str(tmp_file), external_data=False)     # one file: G is far below protobuf's 2 GB
-        os.replace(tmp_file, out)
-    return out
+    # The exporter warns about torchvision ops a DCGAN never uses and about pytree internals;
+    # fastgan's own line says what was written.
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            program = torch.onnx.export(G, (z,), dynamo=True, input_names=["z"], output_names=["images"],
+                                        dynamic_shapes={"z": {0: batch}}, opset_version=opset, verbose=False)
+    finally:
+        exporter_log.setLevel(level)
+    # one file, the weights inside: G is far below protobuf's 2 GB
+    return files.atomic_write(out, lambda f: f.write(program.model_proto.SerializeToString()))
 
 
 def check(G: torch.nn.Module, path: str | Path, batch: int = 3, seed: int = 0) -> float | None:
@@ -105,7 +100,7 @@ def main(argv=None) -> int:
         _check_exporter()       # before reading a checkpoint of maybe hundreds of MB
         G = load_generator(args.ckpt, cfg, device="cpu", backend="torch", raw=args.raw, log=print)
         out = export(G, args.out, args.opset)
-    except (CheckpointError, RuntimeError) as e:
+    except (CheckpointError, RuntimeError, OSError) as e:     # OSError: a file that cannot be read or written
         sys.exit(f"error: {e}")
     m = cfg.model
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, opset {args.opset}): "

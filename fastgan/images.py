@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from fastgan import files
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -41,18 +42,10 @@ def _pil(array: np.ndarray) -> Image.Image:
 
 
 def save_png(array: np.ndarray, path: str | Path) -> Path:
-    """Write an (H, W, C) uint8 array; through a temp file so a killed run leaves no half PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    """Write an (H, W, C) uint8 array, whole or not at all (files.atomic)."""
+    with files.atomic(path) as tmp:
         _pil(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except OSError:
-        if tmp.parent.is_dir():
-            tmp.unlink(missing_ok=True)     # no half-written file left on a full disk
-        raise
-    return path
+    return Path(path)
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, padding: int = 2) -> Path:

@@ -24,6 +24,9 @@ import torch
 from torch import nn
 
 BACKENDS = ("torch", "triton")
+BACKEND_CHOICES = ("auto", *BACKENDS)     # what a config or --backend may say; resolve_backend picks for auto
+RESOLUTIONS = (32, 64, 128)               # 4x4 doubled 3, 4 or 5 times
+CHANNELS = (1, 3)                         # grayscale, RGB
 
 
 @dataclass(frozen=True)
@@ -73,8 +76,8 @@ class ConvModule(nn.Module):
 
 
 def _num_stages(resolution: int) -> int:
-    if resolution not in (32, 64, 128):
-        raise ValueError(f"resolution must be 32, 64 or 128, got {resolution}")
+    if resolution not in RESOLUTIONS:
+        raise ValueError(f"resolution must be one of {', '.join(map(str, RESOLUTIONS))}, got {resolution}")
     return int(math.log2(resolution)) - 2       # 4x4 -> resolution in stride-2 steps
 
 
@@ -85,8 +88,8 @@ def _preset(name: str) -> Preset:
 
 
 def _check(channels, backend):
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if channels not in CHANNELS:
+        raise ValueError(f"channels must be one of {', '.join(map(str, CHANNELS))}, got {channels}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
 
@@ -196,7 +199,7 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
     if name == "auto":
         return "triton" if torch.device(device).type == "cuda" else "torch"
     if name not in BACKENDS:
-        raise ValueError(f"backend must be auto, torch or triton, got {name!r}")
+        raise ValueError(f"backend must be one of {', '.join(BACKEND_CHOICES)}, got {name!r}")
     return name
 
 

@@ -31,6 +31,8 @@ import statistics
 import time
 from pathlib import Path
 
+from fastgan import files
+
 CKPT_NAME = re.compile(r"^iter_(\d+)\.pt$")
 GRID_NAME = re.compile(r"^iter_(\d+)\.png$")
 SHOWN_PX = 560          # small grids are shown scaled up by whole factors to at most this width
@@ -398,13 +400,9 @@ def build(work_dir: str | Path) -> str:
 
 
 def write(work_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write the page (through a temp file: a reader never sees half of it)."""
+    """Write the page, whole or not at all (files.write_text): a reader never sees half of it."""
     page = build(work_dir)
-    out = Path(out) if out else Path(work_dir) / "report.html"
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    return files.write_text(Path(out) if out else Path(work_dir) / "report.html", page)
 
 
 def write_quietly(work_dir: str | Path, say=print, writes=None) -> Path | None:

@@ -36,7 +36,7 @@ from fastgan import images
 from fastgan import config as config_mod
 from fastgan import errors
 from fastgan.checkpoint import CheckpointError, load_generator
-from fastgan.models import resolve_backend
+from fastgan.models import BACKEND_CHOICES, resolve_backend
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="grid.png", help="grid PNG to write (default grid.png)")
     p.add_argument("--each", default=None, metavar="DIR", help="also write every image as DIR/NNNNNN.png")
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
-    p.add_argument("--backend", default=None, choices=("auto", "torch", "triton"), help="default: the config's")
+    p.add_argument("--backend", default=None, choices=BACKEND_CHOICES, help="default: the config's")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward (default 256)")
     p.add_argument("--raw", action="store_true", help="the trained generator, not its EMA (when the file has one)")
     p.add_argument("--interpolate", type=int, default=None, metavar="N",

@@ -37,6 +37,7 @@ _NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in 
                    else {"broadcast_buffers": False})
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+RECIPES = ("mmgen", "pytorch_examples")    # the iteration orders of the module docstring
 OUTPUTS = ("loss_d_fake", "loss_d_real", "loss_g", "d_real", "d_fake", "d_fake_g")   # step()'s tensor
 
 
@@ -69,8 +70,8 @@ class TrainStep:
 
     def __init__(self, cfg, G: nn.Module, D: nn.Module, device: torch.device, distributed: bool = False,
                  compile_backend: str = "inductor", capturable: bool = False):
-        if cfg.recipe not in ("mmgen", "pytorch_examples"):
-            raise ValueError(f"recipe must be mmgen or pytorch_examples, got {cfg.recipe!r}")
+        if cfg.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {cfg.recipe!r}")
         self.G, self.D, self.device = G, D, device
         self.recipe = cfg.recipe
         self.num_noise = 2 if cfg.recipe == "mmgen" else 1

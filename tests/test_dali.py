@@ -138,7 +138,7 @@ def test_quickstart_runs_through_the_dali_loader(tmp_path):
 def test_a_failing_gpu_decoder_means_the_cpu_decoder(faces):
     """DALI's GPU ("mixed") decoder on a device that cannot serve it (here: GPU 99, which no machine
     has) fails at once; the loader decodes on the CPU instead and says so in one line."""
-    from fastgan.data import _Context
+    from fastgan.data.build import _Context
     cfg = load(QUICKSTART, ["--data.loader=dali"])
     lines = []
     ctx = _Context(cfg, 0, 1, torch.device("cuda", 99), 0, torch.float32, lines.append)

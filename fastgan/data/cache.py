@@ -5,8 +5,9 @@ On disk in data.cache_dir as a pair:
     <folder>-<R>px-<C>ch-<recipe>-<key>.json   what was built: count, holes, skipped files, decoder
 key hashes every listed file's relative path, size and mtime with the resolution, channels and
 recipe: touching, adding, removing or replacing a file, or changing the recipe, builds anew.
-Both files are written under a temporary name and renamed, the .json last, and checked against
-each other on load: a killed build leaves no cache that looks complete.
+Both files are written whole or not at all (fastgan/files.py, under temp names of the building
+process's own: the ranks of several nodes may build into one shared folder), the .json last, and
+checked against each other on load: a killed build leaves no cache that looks complete.
 
 A build checks each file's header and tail (sources.check_file), then decodes the good ones
 (DALI or PIL) into a memory-mapped temp file; a file that still fails to decode becomes a
@@ -19,13 +20,13 @@ import errno
 import hashlib
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fastgan import files
 from fastgan.errors import writable_dir
 from fastgan.progress import Progress
 
@@ -55,25 +56,6 @@ def location(cache_dir: str, root: Path, spec: tuple, k: str) -> Path:
     return Path(cache_dir).expanduser() / name
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f"{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
-
-
-def _clean_stale(stem: Path) -> None:
-    """Remove temp files that killed builds on this host left behind (their pid is gone)."""
-    host = socket.gethostname()
-    for f in stem.parent.glob(stem.name + ".*.tmp"):
-        owner = f.name.rsplit(".", 2)[-2]
-        if owner.rsplit("-", 1)[0] != host:
-            continue
-        try:
-            os.kill(int(owner.rsplit("-", 1)[1]), 0)
-        except (ProcessLookupError, ValueError):
-            f.unlink(missing_ok=True)
-        except PermissionError:
-            pass
-
-
 def load(stem: Path, k: str, spec: tuple) -> tuple[np.ndarray, dict] | None:
     """(images memory-mapped read-only, metadata), or None when absent, incomplete or damaged."""
     npy, meta_path = stem.with_suffix(".npy"), stem.with_suffix(".json")
@@ -94,7 +76,9 @@ def build(paths: list[Path], root: Path, stem: Path, k: str, spec: tuple, decode
     """Check and decode `paths` into the cache at `stem`. decode(paths, out, rows, progress, dali_ok)
     fills out[rows[i]] and returns {row: error}."""
     writable_dir(stem.parent, "data.cache_dir", NO_CACHE_FIX)
-    _clean_stale(stem)
+    npy, meta_path = stem.with_suffix(".npy"), stem.with_suffix(".json")
+    for path in (npy, meta_path):
+        files.remove_stale(path)        # what killed builds on this host left behind
     t0 = time.perf_counter()
     checks = check_files(paths, show=show)
     bad = [(str(p), why) for p, (why, _) in zip(paths, checks) if why]
@@ -103,30 +87,25 @@ def build(paths: list[Path], root: Path, stem: Path, k: str, spec: tuple, decode
         raise DataError(f"no usable image in {root}: all {len(paths)} image files are unreadable "
                         f"({', '.join(f'{Path(f).name}: {w}' for f, w in bad[:5])}{', ...' if len(bad) > 5 else ''})")
     channels, resolution = spec[0], spec[1]
-    npy, meta_path = stem.with_suffix(".npy"), stem.with_suffix(".json")
-    tmp = _tmp(npy)
     try:
-        out = _allocate(tmp, (len(good), channels, resolution, resolution))
-        bar = Progress(len(good), desc=f"decoding ({decoder})", enabled=show, every=10)
-        failed = decode([p for p, _ in good], out, list(range(len(good))), bar, [ok for _, ok in good])
-        bar.close()
-        out.flush()
-        del out
-        os.replace(tmp, npy)
-    finally:
-        tmp.unlink(missing_ok=True)
+        with files.atomic(npy, unique=True) as tmp:
+            out = _allocate(tmp, (len(good), channels, resolution, resolution))
+            bar = Progress(len(good), desc=f"decoding ({decoder})", enabled=show, every=10)
+            failed = decode([p for p, _ in good], out, list(range(len(good))), bar, [ok for _, ok in good])
+            bar.close()
+            out.flush()
+            del out
+    except OSError as e:
+        raise DataError(f"cannot write {npy} ({e.strerror}): {NO_CACHE_FIX}") from None
     bad += [(str(good[row][0]), f"decode failed: {err}") for row, err in sorted(failed.items())]
     if len(failed) == len(good):
         raise DataError(f"no image in {root} decodes ({bad[0][0]}: {bad[0][1]})")
     meta = {"format": FORMAT, "key": k, "root": str(root), "count": len(good), "listed": len(paths),
             "holes": sorted(failed), "skipped": [[os.path.relpath(f, root), w] for f, w in bad],
             "decoder": decoder, "seconds": round(time.perf_counter() - t0, 2), "built": time.strftime("%F %T")}
-    tmp = _tmp(meta_path)
     try:
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, meta_path)
+        files.write_text(meta_path, json.dumps(meta), unique=True)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise DataError(f"cannot write {meta_path} ({e.strerror}): {NO_CACHE_FIX}") from None
     return np.load(npy, mmap_mode="r"), meta
 

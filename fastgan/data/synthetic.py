@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from fastgan import files
 from fastgan.progress import Progress
 
 from .sources import DataError
@@ -156,10 +157,10 @@ def face_image(index: int) -> Image.Image:
 
 def _write(root: str, indices: list[int]) -> int:
     for i in indices:
-        path = os.path.join(root, file_name(i))
-        tmp = f"{path}.{os.getpid()}.tmp"
-        face_image(i).save(tmp, format="JPEG", quality=90)
-        os.replace(tmp, path)   # a killed run never leaves a half-written JPEG under the real name
+        # whole or not at all, under a temp name of this worker's own (the builders of several
+        # nodes may write into one shared folder)
+        with files.atomic(os.path.join(root, file_name(i)), unique=True) as tmp:
+            face_image(i).save(tmp, format="JPEG", quality=90)
     return len(indices)
 
 
@@ -197,7 +198,5 @@ def _ensure(root: Path, count: int, num_workers: int, log, show: bool) -> list[P
             for chunk in chunks:
                 bar.update(_write(str(root), chunk))
         bar.close()
-    tmp = marker.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"version": VERSION, "count": count}))
-    os.replace(tmp, marker)
+    files.write_text(marker, json.dumps({"version": VERSION, "count": count}), unique=True)
     return paths

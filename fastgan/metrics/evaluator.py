@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from fastgan import files
 from fastgan.metrics import fid as fid_mod
 from fastgan.metrics.inception import feature_net
 from fastgan.metrics.ms_ssim import ms_ssim_pairs
@@ -103,13 +102,9 @@ def extract(net: torch.nn.Module, images: torch.Tensor, batch_size: int, device,
 
 
 def _save_npz(path: Path, **arrays) -> None:
-    """Through a temp file: a killed run never leaves half a cache behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    """Whole or not at all, under a temp name of this process's own (ranks of several nodes may
+    write the same statistics into a shared folder)."""
+    files.atomic_write(path, lambda f: np.savez(f, **arrays), unique=True)
 
 
 class Evaluator:
