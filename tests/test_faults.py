@@ -1,14 +1,13 @@
 """Faults: SIGINT/SIGTERM stop with a checkpoint and resume exactly, a second SIGINT stops at once,
-ckpt_minutes, a full / read-only / deleted work_dir, the rank watchdog's verdicts, a stalled rank
-(two real processes), and one-line errors for a user's mistakes from every entry point.
+ckpt_minutes, a full / read-only / deleted work_dir, the rank watchdog's verdicts, and a stalled
+rank (two real processes). Tiny runs (tests/runs.py).
 
-The torchrun tests (a killed worker restarted, a 2-node rendezvous) are in test_faults_torchrun.py.
-Tiny runs as in test_train.py (32x32, base_channels 8, batch 8, 64 synthetic faces).
+The torchrun tests (a killed worker restarted, a 2-node rendezvous) are in test_faults_torchrun.py;
+one-line errors for a user's mistakes, and the README's fault table, in test_errors.py.
 """
 
 import errno
 import gc
-import json
 import os
 import signal
 import socket
@@ -23,13 +22,12 @@ import torch
 import torch.distributed as dist
 
 from fastgan import checkpoint as ck
-from fastgan import errors, faults, watchdog
+from fastgan import faults, watchdog
 from fastgan import train as train_mod
 from fastgan.distrib import Dist
 from fastgan.train import train
-from test_train import ROOT, TRAIN, log_entries, run_script, tiny
-
-QUICKSTART = str(ROOT / "configs" / "quickstart.py")
+from runs import (QUICKSTART, TRAIN, assert_same_state, free_port, logged, losses, run_main, run_script, start,
+                  tiny, tiny_args, wait_for)
 
 
 @pytest.fixture(scope="module")
@@ -37,72 +35,11 @@ def data_args(tmp_path_factory) -> list[str]:
     return tiny_args(tmp_path_factory.mktemp("data"))
 
 
-def tiny_args(d: Path) -> list[str]:
-    """test_train.py's tiny run: 64 synthetic faces at 32x32, base_channels 8, batch 8, a log line
-    per iteration; data and cache under d."""
-    return ["--model.resolution=32", "--model.base_channels=8", "--batch_size=8", "--num_samples=4",
-            "--data.source=synthetic", f"--data.root={d / 'faces'}", "--data.synthetic_count=64",
-            f"--data.cache_dir={d / 'cache'}", "--data.cache=host", "--data.loader=torch",
-            "--data.num_workers=0", "--log_interval=1"]
-
-
 @pytest.fixture(autouse=True)
 def _collect():
     """Run the finalizers of loops that ended in an exception: their signal handlers go."""
     yield
     gc.collect()
-
-
-def default_sigint():
-    """Children get SIGINT's default action even when pytest runs with it ignored (a background job)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def start(args, tmp_path, env=None, name="run"):
-    """train.py in a child process; stdout and stderr to files (read them after it ends)."""
-    out, err = open(tmp_path / f"{name}.out", "w"), open(tmp_path / f"{name}.err", "w")
-    proc = subprocess.Popen([sys.executable, TRAIN, *map(str, args)], stdout=out, stderr=err,
-                            env={**os.environ, **(env or {})}, preexec_fn=default_sigint)
-    proc.files = (tmp_path / f"{name}.out", tmp_path / f"{name}.err")
-    return proc
-
-
-def wait_for(condition, proc=None, timeout=180):
-    deadline = time.time() + timeout
-    while not condition():
-        assert proc is None or proc.poll() is None, "the run ended first: " + proc.files[1].read_text()[-2000:]
-        assert time.time() < deadline, "timed out waiting"
-        time.sleep(0.02)
-
-
-def logged(work, iteration):
-    path = Path(work) / "log.jsonl"
-    return lambda: path.is_file() and any(e.get("iter", 0) >= iteration and "loss_g" in e
-                                          for e in _entries(path))
-
-
-def _entries(path):
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:       # a line being written
-            pass
-    return out
-
-
-def losses(work):
-    return [(e["iter"], e["loss_d_fake"], e["loss_d_real"], e["loss_g"]) for e in log_entries(work) if "loss_g" in e]
-
-
-def assert_same_state(a_path, b_path):
-    a, b = ck.load(a_path), ck.load(b_path)
-    for net in ("G", "D"):
-        for name, x in a[net].items():
-            assert torch.equal(x, b[net][name]), f"{net}.{name}"
-    for opt in ("opt_g", "opt_d"):
-        for i, s in a[opt]["state"].items():
-            assert all(torch.equal(s[k], b[opt]["state"][i][k]) for k in s), opt
 
 
 # -- signals -------------------------------------------------------------------------------------
@@ -240,18 +177,8 @@ class FailingWriter:
         pass
 
 
-def run_main(argv, capsys):
-    """train.py's entry point in this process: (exit status, stdout, the error lines). stderr
-    also carries progress bars; a user's mistake must leave one error line and no traceback."""
-    with pytest.raises(SystemExit) as stop:
-        errors.main(train_mod.main, [str(a) for a in argv])
-    out = capsys.readouterr()
-    assert "Traceback" not in out.err
-    return stop.value.code, out.out, error_lines(out.err)
 
 
-def error_lines(err: str) -> list[str]:
-    return [line for line in err.splitlines() if line.startswith(("error:", "rank ", "interrupted"))]
 
 
 def check_disk_fault(work, code, out, err, reason, log_warning=True):
@@ -423,10 +350,6 @@ def test_watchdog_names_a_dead_rank_and_ignores_a_shared_wait(two_monitors):
 
 # -- a stalled rank, two real processes ------------------------------------------------------------
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_stalled_rank_stops_every_rank(tmp_path, data_args):
@@ -450,105 +373,3 @@ def test_stalled_rank_stops_every_rank(tmp_path, data_args):
     assert len(line0) == 1 and "rank 1 (pid " in line0[0] and "loading the batch of iteration 3" in line0[0], errs[0]
     assert any(x.startswith("rank 1: error:") for x in errs[1].splitlines()), errs[1]
     assert "Traceback" not in errs[0] + errs[1]
-
-
-# -- errors a person can act on --------------------------------------------------------------------
-
-def test_user_errors_are_one_line(tmp_path, data_args, monkeypatch, capsys):
-    """train.py's entry point, in this process: each mistake ends in one line, status 1."""
-    def fails(argv, *expected, env=None):
-        with monkeypatch.context() as m:
-            for k, v in (env or {}).items():
-                m.setenv(k, v)
-            code, out, err = run_main(argv, capsys)
-        assert code == 1 and len(err) == 1, err
-        for text in expected:
-            assert text in err[0], err
-        assert "weights_only" not in err[0]
-
-    monkeypatch.chdir(tmp_path)            # no data/ here: the configs' data.root is missing
-    celeba = ROOT / "configs" / "dcgan" / "dcgan_celeba-cropped_64_b128x1_300k.py"
-    fails([celeba, "--work_dir=w"], "download CelebA's img_align_celeba.zip", "unzip it into data/celeba/",
-          "data/celeba/img_align_celeba/000001.jpg")
-    fails([QUICKSTART, "--work_dir=w", "--data.source=idx", "--data.root=data/mnist"],
-          "train-images-idx3-ubyte.gz", "--data.root=data/mnist/train-images-idx3-ubyte.gz")
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "a.jpg").write_bytes(b"<html>not a picture</html>")
-    fails([QUICKSTART, "--work_dir=w", "--data.source=folder", f"--data.root={bad}", f"--data.cache_dir={tmp_path / 'c'}"],
-          f"no usable image in {bad}")
-    fails([QUICKSTART, "--work_dir=w", *data_args, "--data.synthetic_count=12", "--batch_size=64"],
-          "fewer than one batch of 64; use --batch_size=8 (at most 12)")
-    blocker = tmp_path / "a_file"
-    blocker.write_text("")
-    fails([QUICKSTART, f"--work_dir={blocker / 'run'}", *data_args], f"work_dir '{blocker / 'run'}' cannot be written")
-    fails([QUICKSTART, "--work_dir=w", *data_args, f"--data.cache_dir={blocker / 'cache'}", "--data.synthetic_count=16"],
-          f"data.cache_dir '{blocker / 'cache'}' cannot be written", "--data.cache=off")
-    fails([QUICKSTART, "--work_dir=w", "--total_iters=0"], "total_iters: must be at least 1")
-    if not torch.cuda.is_available():
-        fails([QUICKSTART, "--work_dir=w", "--device", "cuda"], "--device=cuda, but no CUDA device is visible")
-    fails([QUICKSTART, "--work_dir=w"], "RANK=2 is outside WORLD_SIZE=2", env={"RANK": "2", "WORLD_SIZE": "2"})
-    fails([QUICKSTART, "--work_dir=w"], "WORLD_SIZE=2 needs MASTER_ADDR and MASTER_PORT",
-          env={"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "", "MASTER_PORT": ""})
-    # checkpoints: not one, cut short, another model
-    text = tmp_path / "notes.pt"
-    text.write_text("hello")
-    fails([QUICKSTART, "--work_dir=w", *data_args, "--resume", text], f"cannot read checkpoint {text}: not a PyTorch checkpoint")
-    train(tiny(tmp_path / "r", data_args, "--total_iters=2", "--ckpt_interval=2", "--sample_interval=100"), Dist())
-    good = (tmp_path / "r" / "ckpt" / "iter_2.pt").read_bytes()
-    cut = tmp_path / "cut.pt"
-    cut.write_bytes(good[: len(good) // 2])
-    fails([QUICKSTART, "--work_dir=w", *data_args, "--resume", cut], f"cannot read checkpoint {cut}: truncated or damaged")
-    fails([QUICKSTART, "--work_dir=w", *data_args, "--model.base_channels=16", "--resume", tmp_path / "r/ckpt/iter_2.pt"],
-          "the generator does not fit the configured model", "in the checkpoint", "it fits --model.preset=mmgen")
-    # out of GPU memory in the loop
-    from fastgan.step import TrainStep
-
-    def oom(self, real, z):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    monkeypatch.setattr(TrainStep, "step", oom)
-    fails([QUICKSTART, "--work_dir=w", *data_args, "--total_iters=4"],
-          "out of GPU memory (CUDA out of memory): batch_size=8 per process does not fit; try --batch_size=4")
-
-
-def test_every_entry_point_prints_one_line(tmp_path):
-    """The scripts as a user runs them."""
-    junk = tmp_path / "junk.pt"
-    junk.write_bytes(b"\x80\x04not a checkpoint")
-    cfg = ROOT / "configs" / "quickstart.py"
-    cases = [
-        ([TRAIN, cfg, "--work_dir=w", "--data.source=folder", "--data.root=data/celeba/img_align_celeba"],
-         "img_align_celeba.zip"),
-        ([ROOT / "fastgan" / "sample.py", cfg, junk], f"cannot read checkpoint {junk}: not a PyTorch checkpoint"),
-        ([ROOT / "fastgan" / "evaluate.py", cfg, junk], f"cannot read checkpoint {junk}: not a PyTorch checkpoint"),
-        ([ROOT / "bench" / "loader.py", "--data", tmp_path / "nothing"], f"data.root '{tmp_path / 'nothing'}' is not a folder"),
-    ]
-    procs = [subprocess.Popen([sys.executable, *map(str, argv)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, cwd=tmp_path) for argv, _ in cases]
-    for proc, (argv, expected) in zip(procs, cases):      # all at once: each is mostly importing torch
-        err = proc.communicate(timeout=180)[1]
-        lines = error_lines(err)
-        assert proc.returncode == 1 and len(lines) == 1 and expected in lines[0], err
-        assert "Traceback" not in err
-
-
-def test_fastgan_debug_shows_the_traceback(tmp_path, monkeypatch):
-    from fastgan.data import DataError
-    monkeypatch.setenv("FASTGAN_DEBUG", "1")
-    with pytest.raises(DataError, match="img_align_celeba.zip"):
-        errors.main(train_mod.main, [QUICKSTART, f"--work_dir={tmp_path}", "--data.source=folder",
-                                     f"--data.root={tmp_path / 'celeba' / 'img_align_celeba'}"])
-
-
-# -- the README's fault table ----------------------------------------------------------------------
-
-def test_readme_fault_table_names_existing_tests():
-    text = (ROOT / "README.md").read_text()
-    table = text.split("## Faults", 1)[1].split("\n## ", 1)[0]
-    rows = [r for r in table.splitlines() if r.startswith("| ") and not r.startswith("| fault")]
-    assert len(rows) >= 10
-    defined = {line.split("(")[0][len("def "):] for f in (ROOT / "tests").glob("test_*.py")
-               for line in f.read_text().splitlines() if line.startswith("def test_")}
-    for row in rows:
-        named = [c.strip("` ") for c in row.split("|")[-2].split(",")]
-        assert named and all(n in defined for n in named), row

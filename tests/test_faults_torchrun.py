@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from fastgan import checkpoint as ck
-from test_faults import QUICKSTART, free_port, logged, losses, tiny_args, wait_for
-from test_train import TRAIN
+from runs import QUICKSTART, TRAIN, free_port, logged, losses, tiny_args, wait_for
 
 RUN = [sys.executable, "-m", "torch.distributed.run"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

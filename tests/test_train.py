@@ -6,13 +6,11 @@ About 2-3 minutes on 2 cores: tiny models (32x32, base_channels 8, batch 8) on 6
 
 import copy
 import dataclasses
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,33 +25,12 @@ from fastgan.distrib import Dist
 from fastgan.models import build
 from fastgan.step import TrainStep
 from fastgan.train import TrainingError, train
-
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = str(ROOT / "fastgan" / "train.py")
-
+from runs import ROOT, TRAIN, log_entries, run_script, tiny, tiny_args
 
 @pytest.fixture(scope="module")
 def data_args(tmp_path_factory) -> list[str]:
-    """Overrides for a tiny run on synthetic faces; one image folder and cache for the module."""
-    d = tmp_path_factory.mktemp("data")
-    return ["--model.resolution=32", "--model.base_channels=8", "--batch_size=8", "--num_samples=4",
-            "--data.source=synthetic", f"--data.root={d / 'faces'}", "--data.synthetic_count=64",
-            f"--data.cache_dir={d / 'cache'}", "--data.cache=host", "--data.loader=torch",
-            "--data.num_workers=0", "--log_interval=1",
-            "--ema.enabled=false"]     # these tests follow the raw G; tests/test_ema.py runs with the EMA
-
-
-def tiny(work_dir, data_args, *extra) -> C.Config:
-    return C.load(ROOT / "configs" / "quickstart.py", [f"--work_dir={work_dir}", *data_args, *extra])
-
-
-def run_script(*args, timeout=240, **kw):
-    return subprocess.run([sys.executable, TRAIN, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, **kw)
-
-
-def log_entries(work_dir) -> list[dict]:
-    return [json.loads(line) for line in (Path(work_dir) / "log.jsonl").read_text().splitlines() if line.strip()]
+    """A tiny run (tests/runs.py) with the raw G: these tests follow it; tests/test_ema.py runs with the EMA."""
+    return tiny_args(tmp_path_factory.mktemp("data"), "--ema.enabled=false")
 
 
 # -- the iteration -----------------------------------------------------------------------------
