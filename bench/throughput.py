@@ -38,7 +38,6 @@ import os
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +54,7 @@ from fastgan import errors  # noqa: E402
 from fastgan.config import Config  # noqa: E402
 from fastgan.cuda_graph import GraphedStep  # noqa: E402
 from fastgan.models import PRESETS, RESOLUTIONS, build  # noqa: E402
+from fastgan.selfcheck import exact_fp32  # noqa: E402
 from fastgan.step import TrainStep  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench/report.py, also when imported by path
@@ -215,17 +215,6 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def max_rel_err(actual: list, expected: list) -> float:
     return max(rel_err(a, b) for a, b in zip(actual, expected, strict=True))
-
-
-@contextmanager
-def exact_fp32():
-    """References run without TF32 in cuDNN convolutions and cuBLAS matmuls."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def reference_outputs(args, preset, snapshot, amp, mode, real, z, device) -> list:

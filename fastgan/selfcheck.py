@@ -110,7 +110,8 @@ def _first_line(e: BaseException) -> str:
 
 
 @contextmanager
-def _exact_fp32():
+def exact_fp32():
+    """References run without TF32 in cuDNN convolutions and cuBLAS matmuls."""
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -129,7 +130,7 @@ def _iteration(cfg, G, D, device, backend: str, amp: str, real, z, z_sample, exa
     """One eager TrainStep iteration and one eval-mode sampling call on copies of G and D."""
     from fastgan.step import TrainStep
     Gc, Dc = _copies(G, D, backend)
-    with _exact_fp32() if exact else nullcontext():
+    with exact_fp32() if exact else nullcontext():
         Gc.eval()
         with torch.no_grad():            # as train.py's sample grids: eval mode, no autocast
             sample = Gc(z_sample)

@@ -45,6 +45,15 @@ def run_script(*args, timeout=240, **kw):
                           timeout=timeout, **kw)
 
 
+def run_sample(*args, check=True):
+    """sample.py as a user runs it."""
+    out = subprocess.run([sys.executable, str(ROOT / "fastgan" / "sample.py"), *map(str, args)],
+                         capture_output=True, text=True, timeout=120)
+    if check:
+        assert out.returncode == 0, out.stdout + out.stderr
+    return out
+
+
 def default_sigint():
     """Children get SIGINT's default action even when pytest runs with it ignored (a background job)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)

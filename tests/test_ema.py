@@ -21,6 +21,7 @@ from fastgan.cuda_graph import GraphedStep
 from fastgan.models import build
 from fastgan.step import TrainStep
 from fastgan.train import train
+from runs import tiny_args
 
 B = 4
 CPU = torch.device("cpu")
@@ -109,12 +110,9 @@ def test_update_traces_whole_without_host_sync():
 
 @pytest.fixture(scope="module")
 def data_args(tmp_path_factory) -> list[str]:
-    d = tmp_path_factory.mktemp("data")
-    return ["--model.resolution=32", "--model.base_channels=4", "--batch_size=4", "--num_samples=4",
-            "--data.source=synthetic", f"--data.root={d / 'faces'}", "--data.synthetic_count=32",
-            f"--data.cache_dir={d / 'cache'}", "--data.cache=host", "--data.loader=torch",
-            "--data.num_workers=0", "--log_interval=1", "--ckpt_interval=2", "--sample_interval=100",
-            "--ema.enabled=true", "--ema.half_life_kimg=0.02", f"--seed={int(torch.randint(0, 1000, ()))}"]
+    return tiny_args(tmp_path_factory.mktemp("data"), "--model.base_channels=4", "--batch_size=4",
+                     "--data.synthetic_count=32", "--ckpt_interval=2", "--sample_interval=100", "--ema.enabled=true",
+                     "--ema.half_life_kimg=0.02", f"--seed={int(torch.randint(0, 1000, ()))}")
 
 
 def test_resume_is_exact_and_outputs_use_the_average(tmp_path, data_args):

@@ -2,8 +2,6 @@
 `sample.py --interpolate` as a user runs it (~10 s, most of it two script runs)."""
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ from fastgan import checkpoint as ck
 from fastgan import images, interpolate
 from fastgan.config import Config, ModelConfig, save
 from fastgan.models import build
+from runs import run_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,14 +75,6 @@ def test_walks_start_and_end_at_G_of_their_end_latents(mode):
     assert starts.std() > 0.1 and (middle - starts).abs().mean() > 0.02 and (middle - stops).abs().mean() > 0.02
     with pytest.raises(ValueError, match="at least 2 steps"):
         interpolate.walk_latents(G, 1, 1)
-
-
-def run_sample(*args, check=True):
-    out = subprocess.run([sys.executable, str(ROOT / "fastgan" / "sample.py"), *map(str, args)],
-                         capture_output=True, text=True, timeout=120)
-    if check:
-        assert out.returncode == 0, out.stdout + out.stderr
-    return out
 
 
 def test_sample_interpolate_grid_and_gif(tmp_path):

@@ -23,6 +23,7 @@ from fastgan import config as C
 from fastgan import images
 from fastgan.distrib import Dist
 from fastgan.train import train
+from runs import tiny_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CELEBA_CONFIG = ROOT / "configs" / "dcgan" / "dcgan_celeba-cropped_64_b128x1_300k.py"
@@ -177,11 +178,8 @@ def test_checkpoints_from_before_the_rename_load(tmp_path):
 
 @pytest.fixture(scope="module")
 def data_args(tmp_path_factory) -> list[str]:
-    d = tmp_path_factory.mktemp("data")
-    return ["--model.resolution=32", "--model.base_channels=8", "--batch_size=8", "--num_samples=4",
-            "--data.source=synthetic", f"--data.root={d / 'faces'}", "--data.synthetic_count=32",
-            f"--data.cache_dir={d / 'cache'}", "--data.cache=host", "--data.loader=torch",
-            "--data.num_workers=0", "--log_interval=1", "--sample_interval=100", "--ckpt_interval=100"]
+    return tiny_args(tmp_path_factory.mktemp("data"), "--data.synthetic_count=32", "--sample_interval=100",
+                     "--ckpt_interval=100")
 
 
 def test_init_from_mmgen_then_resume_wins(tmp_path, data_args, capsys):

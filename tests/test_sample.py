@@ -1,7 +1,5 @@
 """The sampling demo run as a user runs it, and the grid writer (~15 s: three script runs)."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,16 +11,9 @@ from fastgan import checkpoint as ck
 from fastgan import images
 from fastgan.config import Config, ModelConfig, save, to_dict
 from fastgan.models import build
+from runs import run_sample
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_sample(*args, check=True):
-    out = subprocess.run([sys.executable, str(ROOT / "fastgan" / "sample.py"), *map(str, args)],
-                         capture_output=True, text=True, timeout=120)
-    if check:
-        assert out.returncode == 0, out.stdout + out.stderr
-    return out
 
 
 @pytest.fixture()
