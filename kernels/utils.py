@@ -13,10 +13,25 @@ from __future__ import annotations
 import inspect
 import os
 
+import numpy as np
 import torch
 import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split("+")[0].split(".")[:2] if p.isdigit())
+
+
+# Triton 3.6's interpreter turns a loop bound into an int with int(array) (runtime/interpreter.py,
+# `__index__`), which numpy 2.5 refuses for 1-element arrays; 3.9 squeezes first. Seen here: the
+# parity tests pass on triton 3.6.0 with numpy 2.2 and fail with 2.5.5 ("only 0-dimensional arrays
+# can be converted to Python scalars"). A GPU never runs the interpreter.
+if INTERPRET and _version(triton.__version__) < (3, 7) and _version(np.__version__) >= (2, 5):
+    from fastgan.errors import UserError
+    raise UserError(f"triton {triton.__version__}'s interpreter (the triton backend on a CPU) fails with numpy "
+                    f"{np.__version__}: pip install 'numpy<2.5', or triton>=3.9")
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
