@@ -23,9 +23,9 @@ from safetensors.torch import save_file
 
 from fastgan import config as config_mod
 from fastgan import convert, files
-from fastgan.convert import CheckpointError, clean_state_dict, unreadable  # noqa: F401  (re-exported)
+from fastgan.convert import CheckpointError, clean_state_dict
 from fastgan.errors import WriteError, one_line
-from fastgan.models import Discriminator, Generator
+from fastgan.models import Discriminator, Generator, model_kwargs
 
 CKPT_NAME = re.compile(r"^iter_(\d+)\.pt$")
 REQUIRED = ("iteration", "G", "D", "opt_g", "opt_d", "config")
@@ -35,11 +35,25 @@ REQUIRED = ("iteration", "G", "D", "opt_g", "opt_d", "config")
 
 def save(state: dict, path: str | Path) -> Path:
     """A training checkpoint. A failed write leaves every earlier checkpoint as it was."""
-    try:     # torch.save reports a failed write as a RuntimeError
+    # On the host first: a device error while copying (the optimizer moments live on the GPU) is
+    # then its own error, and a RuntimeError from torch.save can only be its file writer's.
+    state = to_cpu(state)
+    try:
         return files.atomic_write(path, lambda f: torch.save(state, f), failures=(RuntimeError,))
     except WriteError as e:
         raise WriteError(e.errno, f"{e.strerror}; the checkpoints written before are intact: free space or "
                          "fix the folder, then run the same command to continue from the newest", e.filename) from e
+
+
+def to_cpu(obj):
+    """`obj` with every tensor in it (nested in dicts, lists and tuples) on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
 
 
 def save_generator(G: torch.nn.Module, cfg, path: str | Path, ema: bool = False) -> Path:
@@ -136,16 +150,17 @@ def set_rng_state(state: dict) -> None:
 
 # -- a generator or discriminator from any checkpoint --------------------------------------------
 
-def _resolve_file(path: Path, raw: bool = False) -> Path:
-    """A work_dir stands for its generator.safetensors, or else (or for the raw G of an EMA run)
-    its newest checkpoint."""
+def _resolve_file(path: Path, raw: bool = False, need_d: bool = False) -> Path:
+    """A work_dir stands for its generator.safetensors, or else (or for the raw G of an EMA run,
+    or when D is wanted: the safetensors holds none) its newest checkpoint."""
     if path.is_dir():
         st = path / "generator.safetensors"
         found = list_checkpoints(path / "ckpt")
-        if st.is_file() and not (raw and found and _safetensors_meta(st).get("generator") == "ema"):
+        if st.is_file() and not need_d and not (raw and found and _safetensors_meta(st).get("generator") == "ema"):
             return st
         if not found:
-            raise CheckpointError(f"{path} holds neither generator.safetensors nor ckpt/iter_N.pt")
+            raise CheckpointError(f"{path} holds no ckpt/iter_N.pt (generator.safetensors holds no discriminator)"
+                                  if need_d else f"{path} holds neither generator.safetensors nor ckpt/iter_N.pt")
         return found[0][1]
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -160,10 +175,11 @@ def _safetensors_meta(path: Path) -> dict:
         return {}
 
 
-def read_weights(path: str | Path, raw: bool = False) -> tuple[Path, convert.Weights]:
+def read_weights(path: str | Path, raw: bool = False, need_d: bool = False) -> tuple[Path, convert.Weights]:
     """(the file, what it holds in fastgan's names and RGB): ckpt/iter_N.pt, generator.safetensors,
-    a work_dir, a bare G or D state_dict, or an MMGeneration/MMagic checkpoint."""
-    path = _resolve_file(Path(path), raw)
+    a work_dir, a bare G or D state_dict, or an MMGeneration/MMagic checkpoint. need_d: a work_dir
+    stands for its newest checkpoint."""
+    path = _resolve_file(Path(path), raw, need_d)
     if path.suffix != ".safetensors":
         return path, convert.read_torch(path)
     try:
@@ -208,12 +224,6 @@ def _config_for(path, cfg, stored: dict | None):
     return config_mod.from_dict(stored)
 
 
-def _build(net_cls, cfg, backend):
-    m = cfg.model
-    return net_cls(preset=m.preset, resolution=m.resolution, channels=m.channels,
-                   base_channels=m.base_channels, backend=backend)
-
-
 def load_generator(path: str | Path, cfg=None, device: torch.device | str = "cpu",
                    backend: str = "torch", raw: bool = False, log=None) -> Generator:
     """G in eval mode from ckpt/iter_N.pt, generator.safetensors, a bare state_dict .pt, a work_dir,
@@ -222,7 +232,7 @@ def load_generator(path: str | Path, cfg=None, device: torch.device | str = "cpu
     stored config does. `log(message)` hears about conversions and which generator was loaded."""
     path, w = read_weights(path, raw)
     sd, which = _generator_weights(path, w, raw)
-    G = _build(Generator, _config_for(path, cfg, w.config), backend)
+    G = Generator(**model_kwargs(_config_for(path, cfg, w.config).model, backend))
     convert.load_into(G, sd, path, "G")
     if log:
         for note in w.notes:
@@ -233,11 +243,12 @@ def load_generator(path: str | Path, cfg=None, device: torch.device | str = "cpu
 
 def load_discriminator(path: str | Path, cfg=None, device: torch.device | str = "cpu",
                        backend: str = "torch", log=None) -> Discriminator:
-    """D in eval mode, from the same files as load_generator (generator.safetensors holds none)."""
-    path, w = read_weights(path)
+    """D in eval mode, from the same files as load_generator (generator.safetensors holds none: a
+    work_dir stands for its newest checkpoint)."""
+    path, w = read_weights(path, need_d=True)
     if w.D is None:
         raise CheckpointError(f"{path} holds no discriminator ({w.source}); pass a checkpoint that has one")
-    D = _build(Discriminator, _config_for(path, cfg, w.config), backend)
+    D = Discriminator(**model_kwargs(_config_for(path, cfg, w.config).model, backend))
     convert.load_into(D, w.D, path, "D")
     if log:
         for note in w.notes:
@@ -248,19 +259,12 @@ def load_discriminator(path: str | Path, cfg=None, device: torch.device | str = 
 def init_networks(path: str | Path, G: torch.nn.Module, D: torch.nn.Module, log=None) -> str:
     """Load a checkpoint's trained G and D (not its EMA) into G and D, in place: the start of a new
     run (train.py's init_from). Returns what the file was."""
-    path = Path(path)
-    if path.is_dir():     # a work_dir: its newest checkpoint (generator.safetensors has no D)
-        found = list_checkpoints(path / "ckpt")
-        if not found:
-            raise CheckpointError(f"{path} holds no ckpt/iter_N.pt to start from")
-        path = found[0][1]
-    path, w = read_weights(path, raw=True)
+    path, w = read_weights(path, raw=True, need_d=True)
     if w.G is None or w.D is None or w.ema_only:
         raise CheckpointError(f"{path} does not hold both a generator and a discriminator ({w.source}); "
                               "init_from needs a training checkpoint")
-    with torch.no_grad():
-        convert.load_into(G, w.G, path, "G")
-        convert.load_into(D, w.D, path, "D")
+    convert.load_into(G, w.G, path, "G")
+    convert.load_into(D, w.D, path, "D")
     if log:
         for note in w.notes:
             log(note)

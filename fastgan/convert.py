@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from fastgan.errors import UserError
+from fastgan.errors import UserError, first_line
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -84,8 +84,7 @@ def unreadable(path: Path, e: Exception) -> str:
     if "Weights only load failed" in text or "Unsupported global" in text:
         return (f"cannot read checkpoint {path}: it holds Python objects besides tensors and plain values, "
                 "which fastgan does not load (only files written by fastgan, or a state_dict of tensors)")
-    reason = next((line for line in text.splitlines() if line.strip()), type(e).__name__)
-    return f"cannot read checkpoint {path}: truncated or damaged ({reason.strip().split('. ')[0][:160]})"
+    return f"cannot read checkpoint {path}: truncated or damaged ({first_line(e).split('. ')[0][:160]})"
 
 
 def torch_load(path: str | Path):

@@ -9,7 +9,8 @@ GraphedStep runs the same function (D step and G step, both recipes, bf16/fp32 a
   would and let every lazy thing happen outside capture (Adam's state, cuBLAS workspaces, the NCCL
   communicator, torch.compile's compilation and autotuning);
 - the next call captures the function into one torch.cuda.CUDAGraph (capture runs nothing), then
-  replays it; from then on `step(real, z)` is two copies into static buffers and one replay.
+  replays it; from then on `step(real, z)` is two copies into static buffers, one replay and a
+  clone of the outputs (the next replay overwrites them).
   z is still drawn by the caller from its generator, so resume stays exact;
 - Adam(fused=True, capturable=True): its step counter lives on the device;
 - grads are views into one flat buffer per network, zeroed before each backward (0 + g == g,
@@ -17,9 +18,13 @@ GraphedStep runs the same function (D step and G step, both recipes, bf16/fp32 a
 - DDP without a DDP wrapper: the flat buffer is all-reduced inside the captured function (NCCL
   collectives are capturable). BN running statistics stay per rank, as with TrainStep.
 
-It does not apply (build_step says so and uses TrainStep) off CUDA, with amp=fp16 (GradScaler.step
-reads found_inf on the host every iteration), or with cuda_graph=false. On a CPU, GraphedStep runs
-its function uncaptured (capture=False), which is how its math is tested against TrainStep.
+It does not apply (build_step says so and uses TrainStep) off CUDA, with amp=fp16, or with
+cuda_graph=false. fp16 stays out of the graph because it has never been run under capture on a GPU:
+whether the GradScaler's state (its scale, made on first use, and growth tracker) and its update
+replay correctly is unverified, and a wrong scale would skip or corrupt steps silently. (found_inf
+is not the obstacle: fused Adam takes it as a device tensor, with no host read.)
+On a CPU, GraphedStep runs its function uncaptured (capture=False), which is how its math is
+tested against TrainStep.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ def why_not(cfg, device: torch.device) -> str | None:
     if device.type != "cuda":
         return f"device is {device.type}"
     if cfg.amp == "fp16":
-        return "amp=fp16: GradScaler reads found_inf on the host every step"
+        return "amp=fp16: the GradScaler is not verified under CUDA-graph capture"
     return None
 
 
@@ -81,8 +86,8 @@ class GraphedStep(TrainStep):
     def __init__(self, cfg, G: nn.Module, D: nn.Module, device: torch.device, distributed: bool = False,
                  *, capture: bool | None = None, warmup: int = WARMUP_ITERS, compile_backend: str = "inductor"):
         if cfg.amp == "fp16":
-            raise ValueError("GraphedStep cannot run amp=fp16: GradScaler.step reads found_inf on the host; "
-                             "use TrainStep (fastgan.cuda_graph.build_step picks it)")
+            raise ValueError("GraphedStep does not run amp=fp16: the GradScaler is not verified under CUDA-graph "
+                             "capture; use TrainStep (fastgan.cuda_graph.build_step picks it)")
         cuda = device.type == "cuda"
         # No DDP wrapper (the flat gradient buffers are all-reduced inside the graph) and no compile
         # of TrainStep's own: the function is compiled below, as the graph will capture it.
@@ -97,8 +102,11 @@ class GraphedStep(TrainStep):
             # NCCL averages inside the reduction; gloo has no AVG. DDP's own order is the second:
             # grad * (1 / W) into the bucket, then SUM (bit-identical to it for W = 2).
             self._nccl_avg = dist.get_backend() == "nccl"
-            with torch.no_grad():   # DDP starts from rank 0's parameters and buffers; so do we
-                for t in [*G.state_dict().values(), *D.state_dict().values()]:
+            # DDP starts from rank 0's parameters and buffers; so do we, and the EMA generator
+            # (super().__init__ copied it from this rank's G before this broadcast).
+            ema = self.ema.module.state_dict().values() if self.ema is not None else []
+            with torch.no_grad():
+                for t in [*G.state_dict().values(), *D.state_dict().values(), *ema]:
                     dist.broadcast(t, src=0)
         self._grads_g, self._grads_d = _flat_grads(G), _flat_grads(D)
         if cfg.compile:
@@ -151,6 +159,11 @@ class GraphedStep(TrainStep):
             with torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
                 out = self._fn(self._real, self._z)
         except RuntimeError as e:
+            # Out of memory is not the graph's fault: the OOM itself goes up (train.py advises a
+            # smaller batch). capture_end may raise its own error, with the OOM as its context.
+            oom = next((x for x in (e, e.__context__) if isinstance(x, torch.OutOfMemoryError)), None)
+            if oom is not None:
+                raise oom
             raise RuntimeError(f"capturing the training iteration in a CUDA graph failed ({e}); "
                                "run with --cuda_graph=false to train without one") from e
         self._graph, self._out = graph, out

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastgan.errors import UserError
+from fastgan.errors import UserError, first_line
 
 
 @dataclass
@@ -94,10 +94,9 @@ def setup(device: str | None = None, timeout_s: float = 600.0) -> Dist:
             dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
                                     device_id=dev if dev.type == "cuda" else None, **_restart_store(timeout))
         except (dist.DistError, RuntimeError, ValueError) as e:
-            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
             raise UserError(f"rank {rank} of {world_size} could not join the others through "
                             f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within "
-                            f"{timeout.total_seconds():.0f} s ({first.strip()[:200]}): start all {world_size} "
+                            f"{timeout.total_seconds():.0f} s ({first_line(e)}): start all {world_size} "
                             "processes (torchrun on every node, with the same --nnodes and --rdzv_endpoint)") from None
         watchdog.start_monitor(rank, world_size, timeout_s)
     return d

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastgan.convert import clean_state_dict, upgrade_keys
+from fastgan.convert import clean_state_dict
 
 
 class EMA:
@@ -75,7 +75,7 @@ class EMA:
         """The checkpoint's average, copied in place (a captured graph keeps its addresses). A
         checkpoint without one (EMA was off) starts the average from G; returns a note saying so."""
         if "G_ema" in state:
-            self.module.load_state_dict(upgrade_keys(state["G_ema"]))
+            self.module.load_state_dict(state["G_ema"])     # names upgraded by checkpoint.load
             self.iteration.copy_(state["ema_iteration"])
             return None
         self.module.load_state_dict(self.G.state_dict())

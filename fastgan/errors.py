@@ -14,7 +14,8 @@ Anything else is a bug and keeps its traceback. FASTGAN_DEBUG=1 shows the traceb
 them. Under torchrun the line also goes to the worker's error file, so torchrun's failure report
 names it instead of "error_file: <N/A>".
 
-This module imports nothing from fastgan: every other module may import it.
+This module imports nothing from fastgan at import time (watchdog and files, late, inside the
+functions that need them): every other module may import it.
 """
 
 from __future__ import annotations
@@ -64,6 +65,14 @@ def debug() -> bool:
 
 def one_line(message: str) -> str:
     return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def first_line(e: BaseException, limit: int = 200, name: bool = False) -> str:
+    """The first non-empty line of e's message, cut to `limit` characters, for quoting inside a
+    line of our own (torch appends C++ frames after it, Triton a kernel's source); with `name`
+    (or an empty message) after the exception's type."""
+    line = next((x.strip() for x in str(e).splitlines() if x.strip()), "")[:limit]
+    return f"{type(e).__name__}: {line}".rstrip(": ") if name or not line else line
 
 
 def describe(e: BaseException) -> str:

@@ -53,10 +53,9 @@ def forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if bn is None:
             norm = dict.fromkeys(NORM)
         elif batch_stats:
-            norm = dict(in_mean=mean, in_invstd=invstd, in_gamma=bn.weight, in_beta=bn.bias)
+            norm = dict(zip(NORM, (mean, invstd, bn.weight, bn.bias)))
         else:
-            norm = dict(in_mean=bn.running_mean, in_invstd=torch.rsqrt(bn.running_var + bn.eps),
-                        in_gamma=bn.weight, in_beta=bn.bias)
+            norm = dict(zip(NORM, (bn.running_mean, torch.rsqrt(bn.running_var + bn.eps), bn.weight, bn.bias)))
         if track:
             buffers += [bn.running_mean, bn.running_var]
             updates += [new_rm, new_rv]

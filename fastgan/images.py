@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -65,10 +66,13 @@ class RealGrid:
     to the host without blocking, writing when a later call finds the copy done, so the training
     loop never waits for the device. `close()` writes whatever is pending (after the loop).
     Inactive (every call returns at once) off rank 0 or when real.png already exists.
+    writes: a context manager factory around the one write (faults.BestEffort: a full disk warns
+    and training goes on); it is tried once either way.
     """
 
-    def __init__(self, path: str | Path, num: int, nrow: int, active: bool = True):
+    def __init__(self, path: str | Path, num: int, nrow: int, active: bool = True, writes=None):
         self.path, self.num, self.nrow = Path(path), num, nrow
+        self.writes = writes or (lambda what: contextlib.nullcontext())
         self.done = not active or self.path.is_file()
         self.parts: list[torch.Tensor] = []
         self.have = 0
@@ -108,5 +112,6 @@ class RealGrid:
         self.done = True
 
     def _write(self) -> None:
-        save_grid(self.host, self.path, nrow=self.nrow)
-        self.done, self.host, self.copied = True, None, None
+        host, self.done, self.host, self.copied = self.host, True, None, None
+        with self.writes(str(self.path)):
+            save_grid(host, self.path, nrow=self.nrow)

@@ -203,10 +203,15 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
     return name
 
 
+def model_kwargs(model_cfg, backend: str = "torch") -> dict:
+    """Generator's and Discriminator's arguments from a ModelConfig (fastgan.config)."""
+    return dict(preset=model_cfg.preset, resolution=model_cfg.resolution, channels=model_cfg.channels,
+                base_channels=model_cfg.base_channels, backend=backend)
+
+
 def build(model_cfg, backend: str = "torch") -> tuple[Generator, Discriminator]:
     """G and D from a ModelConfig (fastgan.config)."""
-    kw = dict(preset=model_cfg.preset, resolution=model_cfg.resolution, channels=model_cfg.channels,
-              base_channels=model_cfg.base_channels, backend=backend)
+    kw = model_kwargs(model_cfg, backend)
     return Generator(**kw), Discriminator(**kw)
 
 

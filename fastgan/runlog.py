@@ -17,7 +17,9 @@ from fastgan.progress import Progress
 
 
 class RunLog:
-    """log.jsonl, TensorBoard and stdout, written by rank 0 only."""
+    """`say` prints a line (above the progress bar), `record` appends an entry to log.jsonl and
+    its numbers to TensorBoard, `image` adds a grid to TensorBoard; `writes` wraps any other
+    optional write. Every rank may call them; only rank 0 acts."""
 
     def __init__(self, cfg, d: distrib.Dist, progress: Progress):
         self.main, self.progress = d.main, progress

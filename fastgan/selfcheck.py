@@ -17,6 +17,8 @@ of the run's models (the run's weights, BatchNorm statistics and random streams 
 backend=auto: a failed parity (or a kernel that raises) trains on the torch backend; a failed step
 alone trains on the eager step (no CUDA graph, no compile). Either way the log says why in one line.
 backend=triton: a failure raises SelfCheckError, one line for the user, no traceback.
+Running out of GPU memory is no verdict on the kernels: torch.OutOfMemoryError goes up as itself,
+and train.py says what to try.
 Under torchrun every rank checks its own GPU and all ranks take the most cautious outcome.
 A kernel that corrupts the CUDA context (an illegal address) cannot be recovered from in-process:
 the run then stops with CUDA's error, as it would have in its first iteration.
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastgan.errors import UserError
+from fastgan.errors import UserError, first_line
 
 # Bounds on |a - b|_2 / |b|_2 against exact fp32, per precision of the run. Floors:
 # - fp32 1e-3: tests/parity.py holds one fused op to 1e-5 of fp64 (max-norm); a whole iteration
@@ -104,11 +106,6 @@ class Report:
         return ", ".join(f"{k} {v.err:.1e} (bound {v.bound:.1e})" for k, v in self.items.items())
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200] if text else ''}".rstrip(": ")
-
-
 @contextmanager
 def exact_fp32():
     """References run without TF32 in cuDNN convolutions and cuBLAS matmuls."""
@@ -157,9 +154,9 @@ def _inputs(cfg, G, device):
     """A real batch, z as TrainStep.noise shapes it, and the sample grid's z: from the check's own seed."""
     gen = torch.Generator(device).manual_seed(SEED)
     res, n = cfg.model.resolution, cfg.batch_size
-    num_noise = 2 if cfg.recipe == "mmgen" else 1      # TrainStep.num_noise
+    from fastgan.step import num_noise
     real = torch.rand(n, cfg.model.channels, res, res, device=device, generator=gen) * 2 - 1
-    z = torch.randn(num_noise, n, G.noise_size, device=device, generator=gen)
+    z = torch.randn(num_noise(cfg.recipe), n, G.noise_size, device=device, generator=gen)
     z_sample = torch.randn(cfg.num_samples, G.noise_size, device=device, generator=gen)
     return real, z, z_sample
 
@@ -203,8 +200,10 @@ def check(cfg, G, D, device, graph: bool | None = None) -> Report:
         report = Report({})
         try:
             report.items = parity(cfg, G, D, device)
+        except torch.OutOfMemoryError:   # the batch does not fit: train.py says so, with what to try
+            raise
         except Exception as e:   # a kernel that fails to build or launch: reported, not raised
-            report.failed, report.why = "parity", f"the fused kernels raised {_first_line(e)}"
+            report.failed, report.why = "parity", f"the fused kernels raised {first_line(e, name=True)}"
         else:
             bad = [k for k, v in report.items.items() if not v.ok]
             if bad:
@@ -214,8 +213,10 @@ def check(cfg, G, D, device, graph: bool | None = None) -> Report:
         if report.failed is None:
             try:
                 report.step = run_step(cfg, G, D, device, graph)
+            except torch.OutOfMemoryError:
+                raise
             except Exception as e:
-                report.failed, report.why = "step", f"the training step failed ({_first_line(e)})"
+                report.failed, report.why = "step", f"the training step failed ({first_line(e, name=True)})"
         _release(device)
     report.seconds = time.perf_counter() - t0
     return report

@@ -61,8 +61,14 @@ def _d_out(logits: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(logits.detach().float()).mean()
 
 
+def num_noise(recipe: str) -> int:
+    """How many noise batches an iteration draws: mmgen draws fresh z for the G step."""
+    return 2 if recipe == "mmgen" else 1
+
+
 class TrainStep:
-    """Owns the optimizers and the GradScaler; `step(real, z)` runs one iteration.
+    """Owns the optimizers, the GradScaler and the EMA generator (cfg.ema); `step(real, z)` runs
+    one iteration.
 
     z: (num_noise, N, noise_size), drawn by the caller from its own generator so that the
     iteration is a pure function of its inputs and the state (resume replays it exactly).
@@ -74,7 +80,7 @@ class TrainStep:
             raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {cfg.recipe!r}")
         self.G, self.D, self.device = G, D, device
         self.recipe = cfg.recipe
-        self.num_noise = 2 if cfg.recipe == "mmgen" else 1
+        self.num_noise = num_noise(cfg.recipe)
         self.amp_dtype = AMP_DTYPES[cfg.amp]
         cuda = device.type == "cuda"
         o = self.optim = cfg.optim

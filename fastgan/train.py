@@ -156,7 +156,10 @@ class Run:
     def finish(self, iteration: int, ema: bool | None = None) -> None:
         """The last sample grid and generator.safetensors (also after a kill between them). ema:
         whether G_out holds EMA weights (default: whether it is the EMA generator)."""
-        if not (self.work / "training_samples" / f"iter_{iteration}.png").is_file():
+        # Rank 0 decides whether the grid is missing (write_samples is a collective: ranks that
+        # saw the folder differently, as on NFS, would hang).
+        grid = self.work / "training_samples" / f"iter_{iteration}.png"
+        if not distrib.gather_objects(self.d, self.d.main and grid.is_file())[0]:
             self.write_samples(iteration)
         if self.d.main:
             ema = self.G_out is not self.G if ema is None else ema
@@ -274,26 +277,27 @@ def train(cfg, d: distrib.Dist, resume: str | None = None) -> int:
     G.deterministic = D.deterministic = cfg.deterministic
     G.to(d.device)
     D.to(d.device)
-    if backend == "triton" and d.device.type == "cuda":
-        cfg, backend = selfcheck.settle(cfg, d, G, D, log.say)
-    log.say(f"backend {backend} on {d.device} x{d.world_size}, amp {cfg.amp}, compile {cfg.compile}; "
-            f"G {num_params(G):,} params, D {num_params(D):,} params")
     _seed_everything(cfg.seed + d.rank)        # everything random after init differs per rank
     noise_gen = torch.Generator(d.device).manual_seed(cfg.seed + d.rank)
     fixed_z = G.sample_noise(cfg.num_samples, generator=torch.Generator().manual_seed(cfg.seed)).to(d.device)
 
-    # -- where to start: a finished run, a resumed one, or init_from --------------------------------
+    # -- where to start: a finished run (nothing to train, so no self-check), a resumed one, init_from
     found = _find_start(cfg, d, resume, log)
     start = found[1]["iteration"] if found else 0
     if start >= cfg.total_iters:
         path, state = found
-        ema = cfg.ema.enabled and "G_ema" in state
-        G.load_state_dict(state["G_ema" if ema else "G"])
-        Run(cfg, d, log, G, D, G_out=G, noise_gen=noise_gen, fixed_z=fixed_z).finish(start, ema=ema)
+        key = "G_ema" if cfg.ema.enabled and "G_ema" in state else "G"
+        convert.load_into(G, state[key], path, key)     # a config that no longer fits: one line
+        G.backend = "torch"     # at most one grid to draw; the fused kernels are self-checked only to train
+        Run(cfg, d, log, G, D, G_out=G, noise_gen=noise_gen, fixed_z=fixed_z).finish(start, ema=key == "G_ema")
         log.say(f"{work} already finished: {path.name} is at iteration {start} "
                 f"(total_iters={cfg.total_iters}). Raise --total_iters to train further.")
         log.close()
         return start
+    if backend == "triton" and d.device.type == "cuda":
+        cfg, backend = selfcheck.settle(cfg, d, G, D, log.say)
+    log.say(f"backend {backend} on {d.device} x{d.world_size}, amp {cfg.amp}, compile {cfg.compile}; "
+            f"G {num_params(G):,} params, D {num_params(D):,} params")
     if cfg.init_from:
         _init_from(cfg, G, D, found, log)
     # Imported here, not at the top: it imports torch._dynamo, which imports triton, and triton must
@@ -318,7 +322,7 @@ def train(cfg, d: distrib.Dist, resume: str | None = None) -> int:
                 "loader": loader.name, "params_g": num_params(G), "params_d": num_params(D), "time": time.time()})
     evaluator = Evaluator(cfg, d.device, d.rank, d.world_size) if cfg.eval_interval > 0 else None
     reals = images.RealGrid(work / "training_samples" / "real.png", cfg.num_samples,
-                            max(1, math.isqrt(cfg.num_samples)), active=d.main)
+                            max(1, math.isqrt(cfg.num_samples)), active=d.main, writes=log.writes)
 
     # -- the loop -----------------------------------------------------------------------------------
     acc = torch.zeros(len(OUTPUTS), device=d.device)     # the step's outputs, summed on the device
@@ -379,7 +383,7 @@ def train(cfg, d: distrib.Dist, resume: str | None = None) -> int:
     progress.close()
     reals.close()
     guard.close()
-    if guard.stopping:                              # exit 130/143 with how to continue
+    if guard.stopping and done < cfg.total_iters:   # exit 130/143 with how to continue
         log.close()
         raise guard.interrupted(done)
     run.finish(cfg.total_iters)

@@ -9,9 +9,11 @@ prints one line naming the rank and what it was doing, and exits; every rank doe
 none is left running, within dist_timeout_s + interval. If every rank waits at the same point (a
 network fault), no rank is to blame and torch's collective timeout (dist_timeout_s + 60 s) ends
 the run. A rank that stops on an error leaves its line in the store (errors.report), and the
-others' watchdogs stop at once quoting it. A collective that fails because a peer vanished (gloo
-says so at once) is explained by `explain`, which errors.main calls: the rank that left last
-words, else the one whose heartbeat stops within a few intervals.
+others' watchdogs stop within an interval, quoting it: in set-up and after the loop too, where
+stalls are not judged (a rank that fails in set-up would otherwise leave the others waiting in a
+collective for dist_timeout_s + 60 s). A collective that fails because a peer vanished (gloo says
+so at once) is explained by `explain`, which errors.main calls: the rank that left last words,
+else the one whose heartbeat stops within a few intervals.
 
 The store client is its own (torchrun's agent hosts the store; rank 0 does without torchrun), its
 keys under the run id and restart count, so a restarted group never reads its predecessor's.
@@ -54,7 +56,8 @@ def beat(iteration: int, phase: int) -> None:
 
 
 def watch(on: bool) -> None:
-    """Judge stalls only while the loop runs (setup and the final samples may take long)."""
+    """Judge stalls only while the loop runs (setup and the final samples may take long); other
+    ranks' error lines stop this one at any time."""
     if _monitor is not None:
         _monitor.watch(on)
 
@@ -95,22 +98,27 @@ class Monitor:
 
     def _run(self) -> None:
         while not self.stop.wait(self.interval):
-            try:
-                with self.lock:
-                    self._publish()
-                    self._read()
-                self.store_lost_since = None
-            except Exception as e:            # the store's host (torchrun's agent or rank 0) is gone
-                self.store_lost_since = self.store_lost_since or clock()
-                if self.watching and clock() - self.store_lost_since > self.timeout:
-                    self._fire(f"lost the rendezvous store at {os.environ.get('MASTER_ADDR')}:"
-                               f"{os.environ.get('MASTER_PORT')} for {self.timeout:.0f} s "
-                               f"({type(e).__name__}): torchrun's agent or rank 0 is gone")
-                continue
-            if self.watching and not self.stop.is_set():
-                verdict = self._verdict()
-                if verdict:
-                    self._fire(verdict)
+            self._tick()
+
+    def _tick(self) -> None:
+        """One heartbeat: publish ours, read the others', and stop this rank on another's error
+        (any time) or on a stall (only while watching)."""
+        try:
+            with self.lock:
+                self._publish()
+                self._read()
+            self.store_lost_since = None
+        except Exception as e:            # the store's host (torchrun's agent or rank 0) is gone
+            self.store_lost_since = self.store_lost_since or clock()
+            if self.watching and clock() - self.store_lost_since > self.timeout:
+                self._fire(f"lost the rendezvous store at {os.environ.get('MASTER_ADDR')}:"
+                           f"{os.environ.get('MASTER_PORT')} for {self.timeout:.0f} s "
+                           f"({type(e).__name__}): torchrun's agent or rank 0 is gone")
+            return
+        if not self.stop.is_set():
+            verdict = self._verdict(stalls=self.watching)
+            if verdict:
+                self._fire(verdict)
 
     def _publish(self) -> None:
         self.seq += 1
@@ -162,11 +170,14 @@ class Monitor:
         it, phase = progress
         return f"{PHASES[phase]} iteration {it}" if it else "before the first iteration"
 
-    def _verdict(self) -> str | None:
+    def _verdict(self, stalls: bool = True) -> str | None:
+        """Why this rank should stop: another rank's error line, else (with `stalls`) a stall."""
         words = self.last_words()
         if words:
             r, line = sorted(words.items())[0]
             return f"{self._who(r)} stopped with: {line}"
+        if not stalls:
+            return None
         stuck = clock() - self.progress_time
         if stuck < self.timeout:
             return None

@@ -102,3 +102,38 @@ def test_load_generator_from_every_file_kind(tmp_path):
     (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(ck.CheckpointError, match="cannot read"):
         ck.load_generator(tmp_path / "broken.safetensors", cfg)
+
+
+def test_discriminator_and_init_from_a_work_dir(tmp_path):
+    """A work_dir with generator.safetensors (no D) and a checkpoint: D comes from the checkpoint,
+    for load_discriminator as for init_networks; without a checkpoint, one line says so."""
+    cfg = tiny_cfg(work_dir=str(tmp_path))
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    state = fake_state(7, cfg)
+    ck.save(state, tmp_path / "ckpt" / "iter_7.pt")
+    ck.save_generator(build(cfg.model)[0], cfg, tmp_path / "generator.safetensors")
+    D = ck.load_discriminator(tmp_path)
+    assert all(torch.equal(v, state["D"][k]) for k, v in D.state_dict().items())
+    G, D = build(cfg.model)
+    ck.init_networks(tmp_path, G, D)
+    assert all(torch.equal(v, state["G"][k]) for k, v in G.state_dict().items())
+    assert all(torch.equal(v, state["D"][k]) for k, v in D.state_dict().items())
+    (tmp_path / "ckpt" / "iter_7.pt").unlink()
+    for load in (lambda: ck.load_discriminator(tmp_path), lambda: ck.init_networks(tmp_path, G, D)):
+        with pytest.raises(ck.CheckpointError, match=r"holds no ckpt/iter_N.pt \(generator.safetensors holds no "
+                                                     r"discriminator\)"):
+            load()
+
+
+def test_save_copies_to_the_host_before_writing(tmp_path):
+    """A tensor that cannot be copied to the host (meta: no data, standing in for a GPU whose copy
+    fails) raises its own error before anything is written, not a disk-write error."""
+    state = {"iteration": 1, "opt_d": {"state": {0: {"exp_avg": torch.empty(3, device="meta")}}}}
+    with pytest.raises(NotImplementedError) as info:
+        ck.save(state, tmp_path / "iter_1.pt")
+    assert not isinstance(info.value, ck.WriteError) and not list(tmp_path.iterdir())
+    # The tensors reach torch.save on the CPU, nested containers kept.
+    nested = {"a": [torch.randn(2), (torch.randn(1), 3)], "b": "x"}
+    ck.save(nested, tmp_path / "ok.pt")
+    loaded = torch.load(tmp_path / "ok.pt", weights_only=True)
+    assert torch.equal(loaded["a"][0], nested["a"][0]) and loaded["a"][1][1] == 3 and loaded["b"] == "x"

@@ -142,6 +142,49 @@ def test_build_step_says_which_runs():
         GraphedStep(tiny(), *nets(tiny()), CPU, capture=True)
 
 
+class FakeGraph:
+    """torch.cuda.graph's context manager, without a GPU: the body runs; `end_error` is what
+    capture_end raises on leaving after a failed body (CUDA's "operation failed due to a previous
+    error during capture")."""
+
+    def __init__(self, end_error=None):
+        self.end_error = end_error
+
+    def __call__(self, graph, **kw):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        if value is not None and self.end_error is not None:
+            raise self.end_error
+        return False
+
+
+@pytest.mark.parametrize("end_error", [None, RuntimeError("CUDA error: operation failed due to a previous error "
+                                                          "during capture")], ids=["body", "capture_end"])
+def test_out_of_memory_in_capture_stays_out_of_memory(monkeypatch, end_error):
+    """An OOM while capturing goes up as itself (train.py then advises a smaller batch), also when
+    capture_end raises its own error on the way out; any other failure says --cuda_graph=false."""
+    cfg = tiny()
+    step = GraphedStep(cfg, *nets(cfg), CPU)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", FakeGraph(end_error))
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def fails(real, z, error=oom):
+        raise error
+    step._fn = fails
+    with pytest.raises(torch.OutOfMemoryError) as info:
+        step._capture()
+    assert info.value is oom
+    step._fn = lambda real, z: fails(real, z, RuntimeError("operation not permitted when stream is capturing"))
+    with pytest.raises(RuntimeError, match=r"CUDA graph failed .*--cuda_graph=false") as info:
+        step._capture()
+    assert not isinstance(info.value, torch.OutOfMemoryError)
+
+
 # -- CPU, 2 processes: the flat-bucket all-reduce against DDP ------------------------------------
 
 def _ddp_worker(rank: int, world: int, init: str, seed: int) -> None:
@@ -164,6 +207,14 @@ def _ddp_worker(rank: int, world: int, init: str, seed: int) -> None:
             assert torch.equal(every[0][:n], every[1][:n]), "parameters differ across ranks"
             assert not torch.equal(every[0][n:], every[1][n:]), "ranks saw the same data"
             del ddp, flat              # DDP's reducer goes before its process group does
+        # The EMA generator starts from rank 0's G too (it is copied before the broadcast).
+        cfg = tiny(ema=C.EMAConfig(enabled=True))
+        flat = GraphedStep(cfg, *nets(cfg, seed=seed + rank), CPU, distributed=True)
+        mine = torch.cat([t.flatten().float() for t in flat.ema.module.state_dict().values()])
+        every = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(every, mine)
+        assert torch.equal(every[0], every[1]), "the EMA generator differs across ranks"
+        assert torch.equal(mine, torch.cat([t.flatten().float() for t in flat.G.state_dict().values()]))
         dist.barrier()                 # neither rank tears gloo down while the other still uses it
     finally:
         dist.destroy_process_group()

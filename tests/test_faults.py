@@ -94,6 +94,21 @@ def test_sigint_stops_with_status_130(tmp_path, data_args, monkeypatch, capsys):
     assert "iter 3/6" in out and "iter 4/6" not in out
 
 
+def test_signal_in_the_last_iteration_finishes_the_run(tmp_path, data_args, monkeypatch, capsys):
+    """A SIGINT that arrives during the last iteration: the run is complete, so it finishes as
+    usual (the last checkpoint, generator.safetensors, status 0), not as an interrupted one."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)     # not ignored, whatever ran pytest
+    try:
+        after_checkpoint(monkeypatch, 2, lambda: os.kill(os.getpid(), signal.SIGINT))
+        code, out, err = run_main([QUICKSTART, f"--work_dir={tmp_path}", *data_args, "--total_iters=3",
+                                   "--ckpt_interval=2", "--sample_interval=100"], capsys)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert code == 0 and err == [] and f"done: {tmp_path / 'generator.safetensors'}" in out
+    assert [n for n, _ in ck.list_checkpoints(tmp_path / "ckpt")] == [3, 2]
+    assert (tmp_path / "generator.safetensors").is_file() and (tmp_path / "training_samples" / "iter_3.png").is_file()
+
+
 def test_second_sigint_stops_at_once_and_keeps_checkpoints(tmp_path, data_args):
     """The first SIGINT waits for an iteration stuck for minutes; a SIGTERM then is ignored; a
     second SIGINT ends the process at once, leaving the checkpoints as they were."""
@@ -288,6 +303,18 @@ def test_full_disk_while_building_the_data_cache(tmp_path, data_args, monkeypatc
     assert not [p for p in Path(cache_dir).iterdir() if p.name != "filler"]     # no half-built cache
 
 
+def test_real_grid_that_cannot_be_written_is_a_warning(tmp_path, data_args, capsys):
+    """real.png is optional like the sample grids: a write that fails warns once, training goes on."""
+    work = tmp_path / "run"
+    (work / "training_samples" / "real.png.tmp").mkdir(parents=True)     # where its temp file would go
+    code, out, err = run_main([QUICKSTART, f"--work_dir={work}", *data_args, "--total_iters=2",
+                               "--ckpt_interval=2", "--sample_interval=1"], capsys)
+    assert code == 0 and err == []
+    assert out.count(f"warning: cannot write {work / 'training_samples' / 'real.png'}") == 1
+    assert not (work / "training_samples" / "real.png").exists()
+    assert (work / "training_samples" / "iter_2.png").is_file() and (work / "generator.safetensors").is_file()
+
+
 def test_deleted_work_dir_stops_the_run(tmp_path, data_args, monkeypatch, capsys):
     import shutil
     work = tmp_path / "run"
@@ -346,6 +373,22 @@ def test_watchdog_names_a_dead_rank_and_ignores_a_shared_wait(two_monitors):
     m1.store.set("test/exit/1", "error: out of GPU memory")      # what errors.report leaves
     assert m0._verdict().endswith("stopped with: error: out of GPU memory")
     assert m0.explain(RuntimeError("gloo: Connection reset by peer")).endswith("stopped with: error: out of GPU memory")
+
+
+def test_watchdog_quotes_another_rank_error_during_set_up(two_monitors, monkeypatch):
+    """Before the loop (watching off) stalls are not judged, but a rank that failed in set-up
+    stops the others at the next heartbeat instead of after dist_timeout_s + 60 s."""
+    (m0, m1), tick = two_monitors
+    fired = []
+    monkeypatch.setattr(m0, "_fire", fired.append)
+    assert not m0.watching
+    tick(30, 0)                                  # rank 1 silent for 3 timeouts: no verdict in set-up
+    m0._tick()
+    assert fired == []
+    m1.store.set("test/exit/1", "error: work_dir '/x' cannot be written")      # what errors.report leaves
+    m0._tick()
+    assert fired == [f"rank 1 (pid {os.getpid()} on {socket.gethostname()}) stopped with: "
+                     "error: work_dir '/x' cannot be written"]
 
 
 # -- a stalled rank, two real processes ------------------------------------------------------------

@@ -99,6 +99,25 @@ def test_a_capture_error_means_the_eager_step(monkeypatch):
         settle(dataclasses.replace(tiny("triton"), compile=True), *nets(cfg))
 
 
+def test_out_of_memory_is_not_a_kernel_failure(monkeypatch):
+    """An OOM in the check (its kernels or its step) is the batch not fitting: it goes up as itself
+    for train.py's one line, rather than a fallback to the torch backend or the eager step."""
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    cfg = tiny()
+    G, D = nets(cfg)
+    real_forward = fused.forward
+    monkeypatch.setattr(fused, "forward", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        settle(cfg, G, D)
+    monkeypatch.setattr(fused, "forward", real_forward)   # not undo(): on_device's settings stay
+    monkeypatch.setattr(selfcheck, "parity", lambda *a: {})
+    monkeypatch.setattr(GraphedStep, "step", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        settle(cfg, G, D)
+    assert G.backend == D.backend == "triton"
+
+
 def test_every_rank_takes_the_most_cautious_outcome(monkeypatch):
     """Two ranks: this one passes, the other's kernels failed: both train on the torch backend
     (a rank on another backend or step would hang DDP's first all-reduce)."""

@@ -234,6 +234,32 @@ def test_ranks_that_see_different_checkpoints_stop(tmp_path, data_args, monkeypa
     assert [n for n, _ in ck.list_checkpoints(tmp_path / "ckpt")] == [2]
 
 
+def test_finished_run_with_a_config_that_no_longer_fits(tmp_path, data_args):
+    """A finished run's generator loads like a resumed one's: a model that does not fit is one line
+    naming the setting that would."""
+    train(tiny(tmp_path, data_args, "--total_iters=1", "--ckpt_interval=1", "--sample_interval=100"), Dist())
+    with pytest.raises(ck.CheckpointError, match=r"the generator does not fit the configured model .*"
+                                                 r"it fits .*--model.base_channels=8"):
+        train(tiny(tmp_path, data_args, "--total_iters=1", "--model.base_channels=4"), Dist())
+
+
+@pytest.mark.parametrize("rank0_has_grid", [True, False])
+def test_finish_follows_rank_0_about_the_last_grid(tmp_path, monkeypatch, rank0_has_grid):
+    """Drawing the last grid is a collective, so every rank must agree to draw it: rank 1, which
+    sees no grid (another node's view of the folder), follows what rank 0 saw."""
+    from fastgan import distrib
+    from fastgan import train as train_mod
+    monkeypatch.setattr(distrib, "gather_objects", lambda d, obj: [rank0_has_grid, obj])
+    drawn = []
+    monkeypatch.setattr(train_mod.Run, "write_samples", lambda run, it: drawn.append(it))
+    cfg = C.Config(work_dir=str(tmp_path), model=C.ModelConfig(resolution=32, base_channels=4))
+    G, D = build(cfg.model)
+    run = train_mod.Run(cfg, Dist(rank=1, world_size=2), None, G, D, G_out=G, noise_gen=torch.Generator(),
+                        fixed_z=torch.zeros(1, 100))
+    run.finish(5)
+    assert drawn == ([] if rank0_has_grid else [5]) and not (tmp_path / "generator.safetensors").exists()
+
+
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, data_args):
     work = tmp_path / "run"
     base = [ROOT / "configs" / "quickstart.py", f"--work_dir={work}", *data_args, "--sample_interval=100",
