@@ -35,7 +35,7 @@ import torch
 from fastgan import images
 from fastgan import config as config_mod
 from fastgan import errors
-from fastgan.checkpoint import CheckpointError, load_generator
+from fastgan.checkpoint import load_generator
 from fastgan.models import BACKEND_CHOICES, resolve_backend
 
 
@@ -88,17 +88,11 @@ def main(argv=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda, but no CUDA device is visible")
-    try:
-        cfg = config_mod.load(args.config)
-    except config_mod.ConfigError as e:
-        sys.exit(f"config error: {e}")
+    cfg = config_mod.load(args.config)      # a ConfigError or CheckpointError is one line (errors.main)
     backend = resolve_backend(args.backend or cfg.backend, device)
     if backend == "triton" and device.type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")   # before fastgan.kernels first loads
-    try:
-        G = load_generator(args.ckpt, cfg, device=device, backend=backend, raw=args.raw, log=print)
-    except CheckpointError as e:
-        sys.exit(f"error: {e}")
+    G = load_generator(args.ckpt, cfg, device=device, backend=backend, raw=args.raw, log=print)
     if args.interpolate:
         return walks(args, G, cfg, device, backend)
     t = time.perf_counter()
