@@ -12,8 +12,8 @@ ends, and the summary (summary.json, summary.md; 7 files in all: the device tool
   a  environment: GPU, SMs, driver, versions, bf16 matmul peak and copy bandwidth measured here;
      the carried Triton cache relocated and its key inputs compared (bench/triton_cache.py)
   b  correctness on CUDA: fastgan.selfcheck at the real shapes (both presets; bf16, tf32, IEEE fp32),
-     the CUDA-graph step against the eager step, and the CUDA tests of tests/test_cuda_graph.py and
-     tests/test_fused_models.py
+     the CUDA-graph step against the eager step, and the CUDA tests of tests/test_cuda_graph.py,
+     tests/test_fused_models.py and the EMA's (tests/test_ema.py)
   c  throughput (bench/throughput.py, MMGen preset): training at batch 128 (eager fp32, eager bf16,
      fastgan, torch.compile reduce-overhead), sampling at batch 1024 (the same four)
   d  learning: fastgan/train.py, MMGen's config at 64x64 in bf16 on synthetic faces, 3000 iterations
@@ -47,6 +47,7 @@ SUMMARY_RESERVE = 15        # seconds kept for the last summary, the tar and the
 MIN_BOX = 5                 # a step with less time than this is skipped, not started
 REFRESH_S = 15              # while a step runs, its results so far reach $OUT this often
 PYTEST_CUDA = ("replay or sync or nccl or cross_between or tf32 or one_training_iteration or fifty")
+EMA_CUDA_TEST = "tests/test_ema.py::test_captured_update_equals_uncaptured_without_host_sync"   # "sync" selects it
 
 
 @dataclass
@@ -118,9 +119,10 @@ def plan(work: Path, dry: bool) -> list:
                  "each) and 6 iterations graph against eager: ~0.3 s of GPU work; 295 kernels load from the cache "
                  "(1.4 s here); CUDA context, cuDNN and cuBLAS set-up"),
             Step("b-pytest", run("b-pytest", "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                                 "tests/test_cuda_graph.py", "tests/test_fused_models.py", "-k", pytest_k,
-                                 f"--junitxml={work / 'b-pytest.xml'}"), 45,
-                 "pytest start and collection ~10 s; 15 CUDA tests on tiny models, kernels from the cache")]),
+                                 "tests/test_cuda_graph.py", "tests/test_fused_models.py", EMA_CUDA_TEST,
+                                 "-k", pytest_k, f"--junitxml={work / 'b-pytest.xml'}"), 45,
+                 "pytest start and collection ~10 s; 16 CUDA tests on tiny models, kernels from the cache "
+                 "(the EMA's runs on the torch backend)")]),
         Stage("c", "throughput", [
             Step("c-train-b128", run("c-train-b128", *c1), 120,
                  "4 rows: the 2 eager ~10 s each; fastgan and reduce-overhead are torch.compile'd by inductor "
@@ -251,7 +253,6 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     summary = {"dry_run": dry, "started": time.strftime("%F %T", time.localtime(started)), "budget_s": args.budget,
                "setup_s": round(time.time() - started, 1), "stages": {}, "device": None}
-    date = time.strftime("%Y-%m-%d")
     stages = plan(work, dry)
     print(f"fastgan GPU check{' (DRY RUN: no GPU, every stage at toy size on the CPU)' if dry else ''}; "
           f"results in {out}", flush=True)
@@ -259,7 +260,7 @@ def main(argv=None) -> int:
     env = environment(work, dry)
 
     def refresh(key):               # what stage `key` has written so far -> summary and $OUT
-        collect(summary, key, work, out, date)
+        collect(summary, key, work, out)
         finish(summary, work, out)
     for i, stage in enumerate(stages):
         if stage.key not in only:

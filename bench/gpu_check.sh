@@ -4,8 +4,9 @@
 #   bash bench/gpu_check.sh              # $OUT from the device tool; the stages of bench/gpu_check.py
 #   bash bench/gpu_check.sh --dry-run    # anywhere: every stage at toy size on the CPU
 #
-# Installs fastgan if it is not importable (editable, no dependencies: the machine has no index),
-# then hands over to bench/gpu_check.py with the time the call began, so its budget counts this too.
+# Installs fastgan if it is not importable (editable, no dependencies: the machine has no index; a
+# copy on PYTHONPATH if pip cannot), then hands over to bench/gpu_check.py with the time the call
+# began, so its budget counts this too.
 set -uo pipefail
 started=$(date +%s.%N)
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -15,9 +16,16 @@ python="${PYTHON:-python3}"
 
 if ! "$python" -c "import fastgan.kernels" 2>/dev/null; then
     echo "installing fastgan (pip install --no-deps --no-build-isolation -e .)"
-    timeout 120 "$python" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
+    said=$(timeout 120 "$python" -m pip install -q --no-deps --no-build-isolation -e . 2>&1)
+    echo "$said" | tail -3
+    if [[ $said == *externally-managed-environment* ]]; then
+        # a system Python under PEP 668: fastgan alone, no dependencies, on a machine used once
+        echo "again with --break-system-packages"
+        timeout 120 "$python" -m pip install -q --no-deps --no-build-isolation --break-system-packages -e . 2>&1 | tail -3
+    fi
     if ! "$python" -c "import fastgan.kernels" 2>/dev/null; then
-        # setup.py maps kernels/ to fastgan.kernels; without pip, the same layout in a copy
+        # setup.py maps kernels/ to fastgan.kernels; without pip, the same layout in a copy (the
+        # same sources: bench/triton_cache.py builds from it, Triton keys kernels on source, not path)
         src="${TMPDIR:-/tmp}/fastgan-src"
         rm -rf "$src" && mkdir -p "$src" && cp -r fastgan "$src/" && cp -r kernels "$src/fastgan/kernels"
         export PYTHONPATH="$src${PYTHONPATH:+:$PYTHONPATH}"

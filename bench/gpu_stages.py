@@ -30,13 +30,13 @@ if not CUDA:   # before fastgan.kernels loads
 import triton  # noqa: E402
 
 from fastgan import selfcheck  # noqa: E402
-from fastgan import files  # noqa: E402
 from fastgan.config import Config  # noqa: E402
 from fastgan.cuda_graph import GraphedStep  # noqa: E402
 from fastgan.models import PRESETS, build  # noqa: E402
 from fastgan.step import TrainStep  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import write_json  # noqa: E402
 from timing import device_name, peak_tflops, sync  # noqa: E402
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -46,10 +46,6 @@ SHAPE = dict(resolution=64, base_channels=None, batch=128) if CUDA else dict(res
 AMP = "bf16" if CUDA else "fp32"
 CASES = ([(p, m) for p in PRESETS for m in ("bf16", "tf32", "ieee")] if CUDA
          else [("mmgen", "ieee")])
-
-
-def save(path: Path, data: dict) -> None:
-    files.write_text(path, json.dumps(data, indent=1, default=str) + "\n")
 
 
 def log(msg: str) -> None:
@@ -74,11 +70,11 @@ def env(out: Path) -> None:
         info.update(sms=p.multi_processor_count, capability=f"{p.major}.{p.minor}",
                     memory_gib=round(p.total_memory / 2**30, 1), cuda_runtime=torch.version.cuda,
                     cudnn=torch.backends.cudnn.version(), driver=_driver())
-    save(out, info)
+    write_json(out, info)
     info["peak_bf16_tflops"] = round(peak_tflops(DEVICE, 8192 if CUDA else 256), 3)
-    save(out, info)
+    write_json(out, info)
     info["copy_gb_s"] = round(_copy_gb_s(2**30 if CUDA else 2**24), 1)
-    save(out, info)
+    write_json(out, info)
     log(json.dumps(info))
 
 
@@ -118,12 +114,12 @@ def correct(out: Path) -> None:
                 "step": rep.step, "seconds": round(rep.seconds, 2),
                 **{k: {"err": v.err, "own": v.own, "bound": v.bound} for k, v in rep.items.items()}}
         result["cases"].append(case)
-        save(out, result)
+        write_json(out, result)
         log(f"{preset} {mode}: {'ok' if case['ok'] else 'FAILED: ' + str(rep.why)} "
             f"({rep.summary()}; {rep.step}; {rep.seconds:.1f} s)")
     torch.backends.cudnn.allow_tf32 = saved
     result["graph_vs_eager"] = graph_vs_eager()
-    save(out, result)
+    write_json(out, result)
     log(f"graph vs eager: {result['graph_vs_eager']}")
 
 
@@ -180,7 +176,7 @@ def profile(out: Path, top: int = 25) -> None:
         return e.self_device_time_total if CUDA else e.self_cpu_time_total
     rows = sorted(kernels, key=us, reverse=True)[:top]
     table = events.table(sort_by="self_device_time_total" if CUDA else "self_cpu_time_total", row_limit=top)
-    save(out, {"device": device_name(DEVICE), "captured": step.capture, "total_us": sum(us(e) for e in kernels),
+    write_json(out, {"device": device_name(DEVICE), "captured": step.capture, "total_us": sum(us(e) for e in kernels),
                "launches": sum(e.count for e in kernels) if CUDA else None,
                "kernels": [{"name": e.key[:120], "calls": e.count, "us": us(e)} for e in rows], "table": table})
     log(table)

@@ -9,12 +9,16 @@ logs.tar.gz (every step's log, the JSON each stage wrote, pytest's junit XML, th
 from __future__ import annotations
 
 import json
-import re
 import tarfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from fastgan import files     # bench/gpu_check.sh installs fastgan before anything imports this
+from report import slug        # bench/report.py (bench/ is on sys.path: gpu_check.py puts it there)
+
+# bench/gpu_check.sh installs fastgan before anything imports this; none of these imports torch
+from fastgan import files
+from fastgan.animation import list_grids
+from fastgan.report import read_log
 
 
 def _read(path: Path):
@@ -24,14 +28,10 @@ def _read(path: Path):
         return None
 
 
-def slug(text: str) -> str:      # bench/timing.py's (which imports torch)
-    return re.sub(r"[^a-z0-9]+", "-", text.lower().split("(")[0]).strip("-")
-
-
 # ---------------------------------------------------------------------------------------------
 # per stage
 
-def collect(summary: dict, key: str, work: Path, out: Path, date: str) -> None:
+def collect(summary: dict, key: str, work: Path, out: Path) -> None:
     """Fold what stage `key` has written so far into summary (and copy its files to out)."""
     if key == "a":
         summary["env"] = _read(work / "env.json") or summary.get("env")
@@ -85,12 +85,9 @@ def _junit(path: Path) -> dict | None:
 
 def _learned(run: Path, log: Path, grid: Path) -> dict | None:
     """img/s (median of the log intervals after the first, which holds the warm-up and capture),
-    the final SWD, the self-check's line, and the last sample grid copied to `grid`."""
-    entries = []
-    try:
-        entries = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
-    except (OSError, ValueError):
-        pass
+    the final SWD, the self-check's line, and the last sample grid copied to `grid`. A log line
+    cut short (a step killed mid-write, or read while being written) is skipped."""
+    entries = read_log(run / "log.jsonl")
     if not entries and not log.is_file():
         return None
     speeds = [e["img_per_s"] for e in entries if "img_per_s" in e]
@@ -98,9 +95,9 @@ def _learned(run: Path, log: Path, grid: Path) -> dict | None:
     evals = [e for e in entries if any(k.startswith("eval/") for k in e)]
     text = log.read_text(errors="replace") if log.is_file() else ""
     lines = [ln.strip() for ln in text.replace("\r", "\n").splitlines()]
-    grids = sorted((run / "training_samples").glob("iter_*.png"), key=lambda p: int(p.stem.split("_")[1]))
+    grids = list_grids(run / "training_samples")
     if grids:
-        files.copy(grids[-1], grid)
+        files.copy(grids[-1][1], grid)
     return {"iterations": max((e.get("iter", 0) for e in entries), default=0),
             "img_per_s": steady[len(steady) // 2] if steady else None,
             "elapsed_s": max((e.get("elapsed_s", 0) for e in entries), default=None),
@@ -115,15 +112,15 @@ def _learned(run: Path, log: Path, grid: Path) -> dict | None:
 
 
 def _triton_stats(work: Path) -> dict:
+    """Each step's line of triton-stats.jsonl; one cut short or incomplete is skipped, not the rest."""
     per = {}
-    try:
-        for line in (work / "triton-stats.jsonl").read_text().splitlines():
-            s = json.loads(line)
+    for s in read_log(work / "triton-stats.jsonl"):
+        try:
             per[s["tag"]] = {k: s[k] for k in ("hits", "compiled", "compile_s", "other")}
             if s["compiled_names"]:
                 per[s["tag"]]["compiled_names"] = sorted(set(s["compiled_names"]))[:10]
-    except (OSError, ValueError, KeyError):
-        pass
+        except (KeyError, TypeError):
+            continue
     return per
 
 

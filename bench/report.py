@@ -1,9 +1,11 @@
 """The output side of bench/throughput.py: the markdown table, the speed targets, rows that
-failed, and the JSON file (written atomically, so a killed run leaves its earlier rows readable)."""
+failed, and the JSON file (written atomically, so a killed run leaves its earlier rows readable).
+No torch here: bench/gpu_summary.py uses it too."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from fastgan import files
@@ -25,7 +27,7 @@ def table(rows) -> str:
 
 
 def targets(rows) -> list[dict]:
-    """The speed targets (MMGen preset, bf16; bench/NOTES.md section 4) where the needed rows exist."""
+    """The speed targets (MMGen preset, bf16; bench/NOTES.md, section 4, "Targets") where the needed rows exist."""
     def get(variant, batch, mode):
         return next((r for r in rows if r["variant"] == variant and r["preset"] == "mmgen" and r["batch"] == batch
                      and r["mode"] == mode and r.get("img_per_s")), None)
@@ -54,8 +56,14 @@ def targets(rows) -> list[dict]:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """A killed run leaves the old file or the new one, never half of one."""
-    files.write_text(path, json.dumps(data, indent=2) + "\n")
+    """A killed run leaves the old file or the new one, never half of one. Values JSON has no type
+    for (a torch.device, a Path) are written as their str()."""
+    files.write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def slug(text: str) -> str:
+    """A device name as a file name: "NVIDIA H200" -> "nvidia-h200", "cpu (x86_64, 2 cores)" -> "cpu"."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower().split("(")[0]).strip("-")
 
 
 def key(row) -> tuple:

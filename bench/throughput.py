@@ -58,8 +58,8 @@ from fastgan.selfcheck import exact_fp32  # noqa: E402
 from fastgan.step import TrainStep  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench/report.py, also when imported by path
-from report import failed_row, key, table, targets, write_json  # noqa: E402
-from timing import GraphedSample, count_kernels, device_name, peak_tflops, slug, sync, time_block  # noqa: E402
+from report import failed_row, key, slug, table, targets, write_json  # noqa: E402
+from timing import GraphedSample, count_kernels, device_name, peak_tflops, sync, time_block  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET_NAMES = tuple(PRESETS)      # each preset runs its own recipe (Config.recipe = preset)
@@ -99,7 +99,8 @@ def parse(argv):
     p.add_argument("--resolution", type=int, default=64 if CUDA else 32, choices=RESOLUTIONS)
     p.add_argument("--base-channels", type=int, default=None if CUDA else 8,
                    help="width override (default: the preset's on CUDA, 8 on a CPU)")
-    p.add_argument("--repeats", type=int, default=5, help="timed blocks per row (>= 5 for the issue)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed blocks per row: img/s is their median, with min and max (default 5)")
     p.add_argument("--warmup", type=int, default=10 if CUDA else 0,
                    help="untimed iterations after the first call (GraphedStep captures after 3); then the "
                         "untimed parity step (a compiled step recompiles once Adam's state exists)")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import platform
-import re
 import statistics
 import time
 
@@ -16,10 +15,6 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower().split("(")[0]).strip("-")
 
 
 def sync(device: torch.device) -> None:
@@ -45,7 +40,8 @@ def time_block(fn, iters: int, device: torch.device) -> float:
 
 
 def peak_tflops(device: torch.device, n: int, repeats: int = 5) -> float:
-    """bf16 matmul TFLOP/s on random n x n operands (median of blocks; never zeros: a matmul on zeros runs faster than on real data)."""
+    """bf16 matmul TFLOP/s on random n x n operands (median of blocks; never zeros: a matmul on zeros
+    runs faster than on real data)."""
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
     a @ b
     iters = 20 if device.type == "cuda" else 1

@@ -34,8 +34,8 @@ import torch
 
 from fastgan import config as config_mod
 from fastgan import errors, files
-from fastgan.checkpoint import CheckpointError, load_generator
-from fastgan.metrics import LOWER_IS_BETTER, Evaluator, InceptionWeightsError, parse_metrics
+from fastgan.checkpoint import load_generator
+from fastgan.metrics import LOWER_IS_BETTER, Evaluator, parse_metrics
 from fastgan.models import resolve_backend
 
 # MMGeneration's published DCGAN 64x64 scores (configs/dcgan/README.md), by data set
@@ -117,15 +117,12 @@ def main(argv=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda, but no CUDA device is visible")
-    try:
-        cfg = config_mod.load(args.config, overrides)
-    except config_mod.ConfigError as e:
-        sys.exit(f"config error: {e}")
+    cfg = config_mod.load(args.config, overrides)   # a ConfigError, CheckpointError, ...: one line (errors.main)
     t0 = time.perf_counter()
     try:
         scores = evaluate(cfg, args.ckpt, device, args.metrics, args.num_samples, args.batch_size,
                           args.inception_weights, raw=args.raw, log=print)
-    except (CheckpointError, InceptionWeightsError, ValueError) as e:   # DataError is a ValueError too
+    except ValueError as e:     # the evaluator's checks of counts and sizes (e.g. fewer real images than asked)
         sys.exit(f"error: {e}")
     seconds = time.perf_counter() - t0
     n = args.num_samples or cfg.eval.num_samples

@@ -32,10 +32,13 @@ from pathlib import Path
 import torch
 
 from fastgan import config as config_mod
-from fastgan import files
-from fastgan.checkpoint import CheckpointError, load_generator
+from fastgan import errors, files
+from fastgan.checkpoint import load_generator
 
-DEFAULT_OPSET = 18
+# The exporter writes opset 18 and converts it (onnxscript's version converter). Down to 16 it
+# converts this model; at 14 and 15 it fails and silently keeps 18 (onnxscript 0.7), so below 16 is
+# refused, and `export` checks the opset of what it wrote. Up to the newest the installed onnx knows.
+DEFAULT_OPSET, MIN_OPSET = 18, 16
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,18 +48,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("ckpt", help="ckpt/iter_N.pt, generator.safetensors, a work_dir, or an MMGeneration .pth")
     p.add_argument("--out", default="generator.onnx", help="ONNX file to write (default generator.onnx)")
     p.add_argument("--raw", action="store_true", help="the trained generator, not its EMA (when the file has one)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
-    return p.parse_args(argv)
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                   help=f"ONNX opset, {MIN_OPSET} to the newest the installed onnx knows (default {DEFAULT_OPSET})")
+    args = p.parse_args(argv)
+    newest = _newest_opset()
+    if newest is not None and not MIN_OPSET <= args.opset <= newest:
+        p.error(f"--opset must be from {MIN_OPSET} to {newest} (the newest the installed onnx knows), got {args.opset}")
+    return args
+
+
+def _newest_opset() -> int | None:
+    """The newest ai.onnx opset the installed onnx knows; None without onnx (_check_exporter says so)."""
+    if importlib.util.find_spec("onnx") is None:
+        return None
+    import onnx
+    return onnx.defs.onnx_opset_version()
 
 
 def _check_exporter() -> None:
     missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
     if missing:
-        raise RuntimeError(f"ONNX export needs {' and '.join(missing)}: pip install -e \".[onnx]\"")
+        raise errors.UserError(f"ONNX export needs {' and '.join(missing)}: pip install -e \".[onnx]\"")
 
 
 def export(G: torch.nn.Module, out: str | Path, opset: int = DEFAULT_OPSET) -> Path:
-    """G (eval mode, torch backend) to `out`, batch dimension dynamic; written whole or not at all."""
+    """G (eval mode, torch backend) to `out` at `opset`, batch dimension dynamic; written whole or not
+    at all, and not at all when the exporter could not convert the model to that opset."""
     _check_exporter()
     G = G.eval()
     z = torch.randn(2, G.noise_size)
@@ -73,8 +90,17 @@ def export(G: torch.nn.Module, out: str | Path, opset: int = DEFAULT_OPSET) -> P
                                         dynamic_shapes={"z": {0: batch}}, opset_version=opset, verbose=False)
     finally:
         exporter_log.setLevel(level)
+    written = opset_of(program.model_proto)
+    if written != opset:
+        raise errors.UserError(f"the ONNX exporter could not convert the generator to opset {opset} (it made "
+                               f"opset {written}): pass --opset {written}, or one it converts to")
     # one file, the weights inside: G is far below protobuf's 2 GB
     return files.atomic_write(out, lambda f: f.write(program.model_proto.SerializeToString()))
+
+
+def opset_of(model) -> int | None:
+    """The ai.onnx opset an onnx ModelProto declares."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
 def check(G: torch.nn.Module, path: str | Path, batch: int = 3, seed: int = 0) -> float | None:
@@ -92,17 +118,12 @@ def check(G: torch.nn.Module, path: str | Path, batch: int = 3, seed: int = 0) -
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = config_mod.load(args.config)
-    except config_mod.ConfigError as e:
-        sys.exit(f"config error: {e}")
-    try:
-        _check_exporter()       # before reading a checkpoint of maybe hundreds of MB
-        G = load_generator(args.ckpt, cfg, device="cpu", backend="torch", raw=args.raw, log=print)
-        out = export(G, args.out, args.opset)
-    except (CheckpointError, RuntimeError, OSError) as e:     # OSError: a file that cannot be read or written
-        sys.exit(f"error: {e}")
+    cfg = config_mod.load(args.config)      # a ConfigError, CheckpointError, OSError: one line (errors.main)
+    _check_exporter()       # before reading a checkpoint of maybe hundreds of MB
+    G = load_generator(args.ckpt, cfg, device="cpu", backend="torch", raw=args.raw, log=print)
+    out = export(G, args.out, args.opset)
     m = cfg.model
+    # export() checked that the file declares the opset asked for
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, opset {args.opset}): "
           f"z (N, {G.noise_size}) -> images (N, {m.channels}, {m.resolution}, {m.resolution}) in [-1, 1], RGB")
     diff = check(G, out)
@@ -112,4 +133,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    errors.main(main, oom_hint="the export traces G on the CPU: free host memory")

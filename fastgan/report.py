@@ -31,10 +31,10 @@ import statistics
 import time
 from pathlib import Path
 
-from fastgan import files
+from fastgan import errors, files
+from fastgan.animation import list_grids
 
 CKPT_NAME = re.compile(r"^iter_(\d+)\.pt$")
-GRID_NAME = re.compile(r"^iter_(\d+)\.png$")
 SHOWN_PX = 560          # small grids are shown scaled up by whole factors to at most this width
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; margin: 0 auto;
@@ -51,7 +51,7 @@ img { max-width: 100%; height: auto; } img.px { image-rendering: pixelated; }
 """
 
 
-class ReportError(RuntimeError):
+class ReportError(errors.UserError, RuntimeError):
     pass
 
 
@@ -349,8 +349,7 @@ def build(work_dir: str | Path) -> str:
     eval_html, best = _eval_section(cfg, entries)
 
     samples = work / "training_samples"
-    grids = sorted((int(m.group(1)), p) for p in samples.glob("iter_*.png") if (m := GRID_NAME.match(p.name))) \
-        if samples.is_dir() else []
+    grids = list_grids(samples)
     pictures = []
     if grids:
         pictures.append(_image_file(grids[-1][1], f"generated: iteration {grids[-1][0]} (fixed noise, G in eval mode)",
@@ -424,13 +423,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="default: WORK_DIR/report.html")
     args = p.parse_args(argv)
     t = time.perf_counter()
-    try:
-        out = write(args.work_dir, args.out)
-    except (ReportError, OSError) as e:
-        sys.exit(f"error: {e}")
+    out = write(args.work_dir, args.out)        # a ReportError or OSError is one line (errors.main)
     print(f"{out} ({out.stat().st_size / 2**10:,.0f} KiB, {time.perf_counter() - t:.2f} s)")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    errors.main(main, oom_hint="free host memory")

@@ -35,7 +35,7 @@ import torch
 from fastgan import images
 from fastgan import config as config_mod
 from fastgan import errors
-from fastgan.checkpoint import CheckpointError, load_generator
+from fastgan.checkpoint import load_generator
 from fastgan.models import BACKEND_CHOICES, resolve_backend
 
 
@@ -88,39 +88,25 @@ def main(argv=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda, but no CUDA device is visible")
-    try:
-        cfg = config_mod.load(args.config)
-    except config_mod.ConfigError as e:
-        sys.exit(f"config error: {e}")
+    cfg = config_mod.load(args.config)      # a ConfigError or CheckpointError is one line (errors.main)
     backend = resolve_backend(args.backend or cfg.backend, device)
     if backend == "triton" and device.type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")   # before fastgan.kernels first loads
-    try:
-        G = load_generator(args.ckpt, cfg, device=device, backend=backend, raw=args.raw, log=print)
-    except CheckpointError as e:
-        sys.exit(f"error: {e}")
-    if args.interpolate:
-        return walks(args, G, cfg, device, backend)
+    G = load_generator(args.ckpt, cfg, device=device, backend=backend, raw=args.raw, log=print)
+    size = f"{cfg.model.resolution}x{cfg.model.resolution}, backend {backend} on {device}"
     t = time.perf_counter()
-    fake = generate(G, args.num_samples, args.seed, device, args.batch_size)
-    dt = time.perf_counter() - t
-    nrow = args.nrow or max(1, math.isqrt(args.num_samples))
-    out = images.save_grid(fake, args.out, nrow=nrow)
-    print(f"{args.num_samples} samples ({cfg.model.resolution}x{cfg.model.resolution}, backend {backend} "
-          f"on {device}, {dt:.2f} s) -> {out}")
-    if args.each:
-        paths = images.save_each(fake, args.each)
-        print(f"{len(paths)} images -> {Path(args.each)}/")
-    return 0
-
-
-def walks(args, G, cfg, device, backend) -> int:
-    """--interpolate: the walks as a grid (a row per walk) or, for a .gif, an animation."""
-    from fastgan import interpolate
-    mode, t = "lerp" if args.lerp else "slerp", time.perf_counter()
-    fake, out = interpolate.write(G, args.out, args.interpolate, args.steps, args.seed, mode, device, args.batch_size)
-    print(f"{args.interpolate} {mode} walks of {args.steps} images ({cfg.model.resolution}x{cfg.model.resolution}, "
-          f"backend {backend} on {device}, {time.perf_counter() - t:.2f} s) -> {out}")
+    if args.interpolate:
+        from fastgan import interpolate
+        mode = "lerp" if args.lerp else "slerp"
+        fake, out = interpolate.write(G, args.out, args.interpolate, args.steps, args.seed, mode, device,
+                                      args.batch_size)
+        print(f"{args.interpolate} {mode} walks of {args.steps} images ({size}, "
+              f"{time.perf_counter() - t:.2f} s) -> {out}")
+    else:
+        fake = generate(G, args.num_samples, args.seed, device, args.batch_size)
+        dt = time.perf_counter() - t
+        out = images.save_grid(fake, args.out, nrow=args.nrow or max(1, math.isqrt(args.num_samples)))
+        print(f"{args.num_samples} samples ({size}, {dt:.2f} s) -> {out}")
     if args.each:
         paths = images.save_each(fake, args.each)
         print(f"{len(paths)} images -> {Path(args.each)}/")

@@ -45,6 +45,11 @@ TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def fresh_seed() -> int:
+    """A new seed per call: torch seeds itself at random in each process, so each run draws fresh inputs."""
+    return int(torch.randint(0, 2**31, ()))
+
+
 def generator(seed: int) -> torch.Generator:
     return torch.Generator(DEVICE).manual_seed(seed)
 
@@ -155,8 +160,9 @@ def check_module(ref: nn.Module, x: torch.Tensor, dtype: torch.dtype, seed: int)
         for (name, p_ref), (_, p_fused), p_exact in zip(ref.named_parameters(), fused.named_parameters(),
                                                          exact.parameters()):
             compare(p_fused.grad, p_ref.grad, p_exact.grad, f"grad of {name}")
+    halves = (half if half is not None else ref).buffers()
     for (name, b_ref), (_, b_fused), b_exact, b_half in zip(ref.named_buffers(), fused.named_buffers(),
-                                                            exact.buffers(), (half if half is not None else ref).buffers()):
+                                                            exact.buffers(), halves):
         if name.endswith("num_batches_tracked"):
             assert torch.equal(b_fused, b_ref), f"{name}: {b_fused} != {b_ref}"
         else:

@@ -59,13 +59,27 @@ def default_sigint():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def start(args, tmp_path, env=None, name="run"):
-    """train.py in a child process; stdout and stderr to files (read them after it ends)."""
+def start(args, tmp_path, env=None, name="run", prefix=(sys.executable, TRAIN)):
+    """train.py (or `prefix`, e.g. torchrun's command) in a child process; stdout and stderr to
+    files (read them after it ends)."""
     out, err = open(tmp_path / f"{name}.out", "w"), open(tmp_path / f"{name}.err", "w")
-    proc = subprocess.Popen([sys.executable, TRAIN, *map(str, args)], stdout=out, stderr=err,
+    proc = subprocess.Popen([*prefix, *map(str, args)], stdout=out, stderr=err,
                             env={**os.environ, **(env or {})}, preexec_fn=default_sigint)
     proc.files = (tmp_path / f"{name}.out", tmp_path / f"{name}.err")
     return proc
+
+
+def dispositions(pid: int) -> dict[str, str]:
+    """SIGTERM's and SIGINT's disposition in process `pid`: ignored, handled or default (Linux's
+    /proc/PID/status masks)."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    masks = dict(line.split(":") for line in status if line.startswith(("SigIgn", "SigCgt")))
+    ignored, handled = int(masks["SigIgn"], 16), int(masks["SigCgt"], 16)
+
+    def what(sig):
+        bit = 1 << (sig - 1)
+        return "ignored" if ignored & bit else "handled" if handled & bit else "default"
+    return {s.name: what(s) for s in (signal.SIGTERM, signal.SIGINT)}
 
 
 def run_main(argv, capsys):

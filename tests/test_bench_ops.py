@@ -38,9 +38,9 @@ CALLS, ROUNDS = 20, 25
 TOL = 3e-2
 # MMGen 64x64 layers: (cin, cout, input side, transposed, activation before it, slope)
 G_BLOCK = (1024, 512, 4, True, "relu", 0.0)        # G upsampling.0: 4x4 -> 8x8
-D_BLOCK = (256, 512, 16, False, "leaky_relu", 0.01)  # D downsampling.1: 16x16 -> 8x8
+D_BLOCK = (256, 512, 16, False, "leaky_relu", 0.01)  # D downsamples.2: 16x16 -> 8x8
 CONVT = (512, 256, 8)                              # G upsampling.1
-CONV = (128, 256, 32)                              # D downsampling.0
+CONV = (128, 256, 32)                              # D downsamples.1
 
 
 def rel(a, b) -> float:

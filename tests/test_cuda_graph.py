@@ -20,7 +20,8 @@ import torch.multiprocessing as mp
 from fastgan import config as C
 from fastgan.cuda_graph import GraphedStep, build_step, why_not
 from fastgan.models import build
-from fastgan.step import TrainStep
+from fastgan.step import OUTPUTS, TrainStep
+from parity import fresh_seed
 
 B = 4
 CPU = torch.device("cpu")
@@ -30,10 +31,6 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 def tiny(recipe="mmgen", **kw) -> C.Config:
     return C.Config(recipe=recipe, batch_size=B, model=C.ModelConfig(preset=recipe, resolution=32, base_channels=8),
                     **kw)
-
-
-def fresh_seed() -> int:
-    return int(torch.randint(0, 2**31, ()))
 
 
 def nets(cfg, device=CPU, backend="torch", seed=None):
@@ -266,7 +263,7 @@ def test_replays_never_sync_the_host(deterministic_cuda):
     step = GraphedStep(cfg, *nets(cfg, dev, "triton"), dev)
     gen = torch.Generator(dev).manual_seed(fresh_seed())
     batches = [(torch.rand(B, 3, 32, 32, device=dev, generator=gen) * 2 - 1, step.noise(B, gen)) for _ in range(8)]
-    acc = torch.zeros(3, device=dev)
+    acc = torch.zeros(len(OUTPUTS), device=dev)
     for real, z in batches[:4]:            # warm-up, capture, first replay
         acc += step.step(real, z)
     torch.cuda.synchronize()

@@ -44,15 +44,15 @@ def test_user_errors_are_one_line(tmp_path, data_args, monkeypatch, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "a.jpg").write_bytes(b"<html>not a picture</html>")
-    fails([QUICKSTART, "--work_dir=w", "--data.source=folder", f"--data.root={bad}", f"--data.cache_dir={tmp_path / 'c'}"],
-          f"no usable image in {bad}")
+    fails([QUICKSTART, "--work_dir=w", "--data.source=folder", f"--data.root={bad}",
+           f"--data.cache_dir={tmp_path / 'c'}"], f"no usable image in {bad}")
     fails([QUICKSTART, "--work_dir=w", *data_args, "--data.synthetic_count=12", "--batch_size=64"],
           "fewer than one batch of 64; use --batch_size=8 (at most 12)")
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     fails([QUICKSTART, f"--work_dir={blocker / 'run'}", *data_args], f"work_dir '{blocker / 'run'}' cannot be written")
-    fails([QUICKSTART, "--work_dir=w", *data_args, f"--data.cache_dir={blocker / 'cache'}", "--data.synthetic_count=16"],
-          f"data.cache_dir '{blocker / 'cache'}' cannot be written", "--data.cache=off")
+    fails([QUICKSTART, "--work_dir=w", *data_args, f"--data.cache_dir={blocker / 'cache'}",
+           "--data.synthetic_count=16"], f"data.cache_dir '{blocker / 'cache'}' cannot be written", "--data.cache=off")
     fails([QUICKSTART, "--work_dir=w", "--total_iters=0"], "total_iters: must be at least 1")
     if not torch.cuda.is_available():
         fails([QUICKSTART, "--work_dir=w", "--device", "cuda"], "--device=cuda, but no CUDA device is visible")
@@ -62,13 +62,16 @@ def test_user_errors_are_one_line(tmp_path, data_args, monkeypatch, capsys):
     # checkpoints: not one, cut short, another model
     text = tmp_path / "notes.pt"
     text.write_text("hello")
-    fails([QUICKSTART, "--work_dir=w", *data_args, "--resume", text], f"cannot read checkpoint {text}: not a PyTorch checkpoint")
+    fails([QUICKSTART, "--work_dir=w", *data_args, "--resume", text],
+          f"cannot read checkpoint {text}: not a PyTorch checkpoint")
     train(tiny(tmp_path / "r", data_args, "--total_iters=2", "--ckpt_interval=2", "--sample_interval=100"), Dist())
     good = (tmp_path / "r" / "ckpt" / "iter_2.pt").read_bytes()
     cut = tmp_path / "cut.pt"
     cut.write_bytes(good[: len(good) // 2])
-    fails([QUICKSTART, "--work_dir=w", *data_args, "--resume", cut], f"cannot read checkpoint {cut}: truncated or damaged")
-    fails([QUICKSTART, "--work_dir=w", *data_args, "--model.base_channels=16", "--resume", tmp_path / "r/ckpt/iter_2.pt"],
+    fails([QUICKSTART, "--work_dir=w", *data_args, "--resume", cut],
+          f"cannot read checkpoint {cut}: truncated or damaged")
+    fails([QUICKSTART, "--work_dir=w", *data_args, "--model.base_channels=16", "--resume",
+           tmp_path / "r/ckpt/iter_2.pt"],
           "the generator does not fit the configured model", "in the checkpoint", "it fits --model.preset=mmgen")
     # out of GPU memory in the loop
     from fastgan.step import TrainStep
@@ -90,7 +93,10 @@ def test_every_entry_point_prints_one_line(tmp_path):
          "img_align_celeba.zip"),
         ([ROOT / "fastgan" / "sample.py", cfg, junk], f"cannot read checkpoint {junk}: not a PyTorch checkpoint"),
         ([ROOT / "fastgan" / "evaluate.py", cfg, junk], f"cannot read checkpoint {junk}: not a PyTorch checkpoint"),
-        ([ROOT / "bench" / "loader.py", "--data", tmp_path / "nothing"], f"data.root '{tmp_path / 'nothing'}' is not a folder"),
+        ([ROOT / "fastgan" / "export.py", cfg, junk], f"cannot read checkpoint {junk}: not a PyTorch checkpoint"),
+        ([ROOT / "fastgan" / "report.py", tmp_path], f"{tmp_path} is not a fastgan work dir: it has no config.json"),
+        ([ROOT / "bench" / "loader.py", "--data", tmp_path / "nothing"],
+         f"data.root '{tmp_path / 'nothing'}' is not a folder"),
     ]
     procs = [subprocess.Popen([sys.executable, *map(str, argv)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, cwd=tmp_path) for argv, _ in cases]

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from fastgan import checkpoint
+from fastgan import checkpoint, errors
 from fastgan import evaluate as evaluate_mod
 from fastgan.config import Config, DataConfig, EvalConfig, ModelConfig
 from fastgan.metrics import LOWER_IS_BETTER, Evaluator, InceptionWeightsError, parse_metrics
@@ -135,10 +135,15 @@ def test_evaluate_main_reuses_cached_statistics_and_reports_errors(tmp_path, tin
     assert "swd_32" in capsys.readouterr().out
     monkeypatch.delenv("FASTGAN_TEST_FEATURE_NET")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    with pytest.raises(SystemExit, match="sha256 6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"):
-        evaluate_mod.main(argv)
-    with pytest.raises(SystemExit, match="checkpoint not found"):
-        evaluate_mod.main([str(cfg_file), str(tmp_path / "missing.pt"), "--metrics", "swd"])
+    capsys.readouterr()
+
+    def fails(argv, expected):          # as the script runs: one line from errors.main, status 1
+        with pytest.raises(SystemExit) as e:
+            errors.main(evaluate_mod.main, argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 1 and len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+    fails(argv, "sha256 6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2")
+    fails([str(cfg_file), str(tmp_path / "missing.pt"), "--metrics", "swd"], "checkpoint not found")
 
 
 def _distributed_worker(rank, world, init, cfg, results):

@@ -8,29 +8,21 @@ The most expensive tests of the suite (each torchrun starts an agent and its wor
 
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from fastgan import checkpoint as ck
-from runs import QUICKSTART, TRAIN, free_port, logged, losses, tiny_args, wait_for
+from runs import QUICKSTART, TRAIN, free_port, logged, losses, start, tiny_args, wait_for
 
-RUN = [sys.executable, "-m", "torch.distributed.run"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+RUN = (sys.executable, "-m", "torch.distributed.run")
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
 def data_args(tmp_path_factory) -> list[str]:
     return tiny_args(tmp_path_factory.mktemp("data"))
-
-
-def launch(cmd, tmp_path, name, env=None):
-    out, err = open(tmp_path / f"{name}.out", "w"), open(tmp_path / f"{name}.err", "w")
-    proc = subprocess.Popen([*RUN, *map(str, cmd)], stdout=out, stderr=err, env={**ENV, **(env or {})})
-    proc.files = (tmp_path / f"{name}.out", tmp_path / f"{name}.err")
-    return proc
 
 
 def workers(agent_pid: int) -> dict[int, int]:
@@ -69,10 +61,10 @@ def test_killed_worker_is_restarted_and_resumes(tmp_path, data_args):
     torchrun restarts both workers, which resume from iter_4.pt and finish. Iteration 5, trained
     before and after the restart, has the same losses: the resume is exact."""
     work = tmp_path / "run"
-    proc = launch(["--standalone", "--nproc_per_node=2", "--max-restarts=1", "--monitor-interval=0.2", TRAIN,
-                   QUICKSTART, f"--work_dir={work}", *data_args, "--total_iters=8", "--ckpt_interval=4",
-                   "--sample_interval=100", "--ckpt_minutes=0"], tmp_path, "torchrun",
-                  env={"FASTGAN_TEST_STALL": "1:6:600"})
+    proc = start(["--standalone", "--nproc_per_node=2", "--max-restarts=1", "--monitor-interval=0.2", TRAIN,
+                  QUICKSTART, f"--work_dir={work}", *data_args, "--total_iters=8", "--ckpt_interval=4",
+                  "--sample_interval=100", "--ckpt_minutes=0"], tmp_path,
+                 {**ONE_THREAD, "FASTGAN_TEST_STALL": "1:6:600"}, "torchrun", prefix=RUN)
     wait_for(lambda: (work / "ckpt" / "iter_4.pt").is_file() and logged(work, 5)(), proc)
     first = workers(proc.pid)
     os.kill(first[1], signal.SIGKILL)
@@ -100,7 +92,7 @@ def test_two_nodes_stop_together_on_sigterm_and_resume(tmp_path, data_args):
            "--rdzv_id=fastgan-test", "--max-restarts=0", TRAIN, QUICKSTART, f"--work_dir={work}", *data_args,
            "--total_iters=6", "--ckpt_interval=100", "--sample_interval=100", "--ckpt_minutes=0.0001"]
     stall = {"FASTGAN_TEST_STALL": "0:3:4"}
-    nodes = [launch(cmd, tmp_path, f"node{i}", env=stall) for i in range(2)]
+    nodes = [start(cmd, tmp_path, {**ONE_THREAD, **stall}, f"node{i}", prefix=RUN) for i in range(2)]
     wait_for(logged(work, 2), nodes[0])
     nodes[1].send_signal(signal.SIGTERM)
     codes = finish(*nodes)
@@ -112,8 +104,9 @@ def test_two_nodes_stop_together_on_sigterm_and_resume(tmp_path, data_args):
     assert len(stop) == 1 and 3 <= min(stop) < 6, said                    # the same iteration on both
     stop = stop.pop()
     assert codes[0] != 0 and codes[1] != 0 and any("exitcode  : 143" in e for e in errs), errs
-    assert ck.list_checkpoints(work / "ckpt")[0][0] == stop and ck.load(work / "ckpt" / f"iter_{stop}.pt")["world_size"] == 2
-    nodes = [launch(cmd, tmp_path, f"again{i}") for i in range(2)]
+    assert ck.list_checkpoints(work / "ckpt")[0][0] == stop
+    assert ck.load(work / "ckpt" / f"iter_{stop}.pt")["world_size"] == 2
+    nodes = [start(cmd, tmp_path, ONE_THREAD, f"again{i}", prefix=RUN) for i in range(2)]
     assert finish(*nodes) == [0, 0], [n.files[1].read_text()[-3000:] for n in nodes]
     out = "".join(n.files[0].read_text() for n in nodes)
     assert f"resumed from {work / 'ckpt' / f'iter_{stop}.pt'} at iteration {stop}" in out

@@ -1,7 +1,8 @@
 """fastgan/files.py, the one writer of every file: a failed write leaves the old file and no temp
-file, temp names of a process's own, fsync of the file before the rename and of the folder after,
-devices and pipes written straight into (never renamed over). Whole runs on a full, read-only or
-deleted work_dir are in test_faults.py. (~1 s)"""
+file, temp names of a process's own, fsync of the file before the rename and of the folder after
+(none with durable=False: the synthetic faces, synced once before their marker), devices and pipes
+written straight into (never renamed over). Whole runs on a full, read-only or deleted work_dir
+are in test_faults.py. (~1 s)"""
 
 import errno
 import os
@@ -117,6 +118,36 @@ def test_fsync_of_the_file_before_the_rename_and_of_the_folder_after(tmp_path, m
     with files.atomic(target) as path:
         path.write_text("[]\n")
     assert events == [("fsync", tmp), ("replace", tmp, str(target)), ("fsync", "folder")]
+
+
+def test_not_durable_renames_without_fsync_and_still_never_half(tmp_path, monkeypatch):
+    """durable=False (the synthetic faces): no fsync at all, the same rename, the same clean-up."""
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    target = tmp_path / "faces" / "000001.jpg"
+    new = os.urandom(5000)
+    with files.atomic(target, unique=True, durable=False) as tmp:
+        assert tmp == files.temp_path(target, unique=True)
+        tmp.write_bytes(new)
+    assert target.read_bytes() == new and leftovers(target.parent) == [] and synced == []
+    with pytest.raises(WriteError), files.atomic(target, unique=True, durable=False) as tmp, open(tmp, "wb") as f:
+        fill_then_fail(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))(f)
+    assert target.read_bytes() == new and leftovers(target.parent) == [] and synced == []
+    files.write_text(tmp_path / "faces" / "done.json", "{}")       # the default stays durable
+    assert len(synced) == 2
+
+
+def test_synthetic_faces_are_synced_once_before_their_marker(tmp_path, monkeypatch):
+    from fastgan.data import synthetic
+    events = []
+    real_fsync, real_sync = os.fsync, os.sync
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    monkeypatch.setattr(os, "sync", lambda: (events.append("sync"), real_sync()))
+    paths = synthetic.ensure(tmp_path / "faces", 6, num_workers=1, log=lambda *a: None, show=False)
+    assert all(p.is_file() for p in paths)
+    marker = str(files.temp_path(tmp_path / "faces" / synthetic.MARKER, unique=True))
+    assert events[0] == "sync" and events[1] == marker and len(events) == 3     # then the folder
 
 
 def test_a_pipe_or_device_is_written_into_never_renamed_over(tmp_path):

@@ -14,6 +14,7 @@ from fastgan import checkpoint as ck
 from fastgan import images, interpolate
 from fastgan.config import Config, ModelConfig, save
 from fastgan.models import build
+from parity import fresh_seed
 from runs import run_sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +36,7 @@ def trained_looking_G(seed: int):
 
 
 def test_slerp_and_lerp():
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    gen = torch.Generator().manual_seed(fresh_seed())
     a, b = torch.randn(5, 100, generator=gen), torch.randn(5, 100, generator=gen)
     t = torch.linspace(0, 1, 7)
     for fn in (interpolate.slerp, interpolate.lerp):
@@ -60,7 +61,7 @@ def test_slerp_and_lerp():
 
 @pytest.mark.parametrize("mode", interpolate.MODES)
 def test_walks_start_and_end_at_G_of_their_end_latents(mode):
-    seed = int(torch.randint(0, 2**31, ()))
+    seed = fresh_seed()
     G = trained_looking_G(seed)
     n, k = 3, 5
     z = interpolate.walk_latents(G, n, k, seed=seed, mode=mode)
@@ -100,7 +101,6 @@ def test_sample_interpolate_grid_and_gif(tmp_path):
     with Image.open(tmp_path / "walk.gif") as gif:
         assert gif.n_frames == 6 + 4                                  # there and back: 0..5, 4..1
         assert gif.size == (3 * 34 + 2, 2 * 34 + 2)                   # 5 walks in a 3 x 2 grid
-
 
 
 @pytest.mark.parametrize("args, message", [

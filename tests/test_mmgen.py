@@ -23,7 +23,8 @@ from fastgan import config as C
 from fastgan import images
 from fastgan.distrib import Dist
 from fastgan.train import train
-from runs import tiny_args
+from parity import fresh_seed
+from runs import tiny, tiny_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CELEBA_CONFIG = ROOT / "configs" / "dcgan" / "dcgan_celeba-cropped_64_b128x1_300k.py"
@@ -37,7 +38,7 @@ def small_cfg(channels=3) -> C.Config:
 
 def small_model(ema=None, channels=3) -> mm.StaticUnconditionalGAN:
     return mm.StaticUnconditionalGAN(scale=32, channels=channels, g_base=32, d_base=8, ema=ema,
-                                     seed=int(torch.randint(0, 2**31, ())))
+                                     seed=fresh_seed())
 
 
 def assert_rgb_of(G, D, mm_G, mm_D, channels=3):
@@ -80,7 +81,7 @@ def test_one_channel_is_not_flipped(tmp_path):
 
 def test_released_file_samples_in_rgb(tmp_path):
     """The released CelebA file's layout at its real size, through sample.py as a user runs it."""
-    model = mm.StaticUnconditionalGAN(seed=int(torch.randint(0, 2**31, ())))
+    model = mm.StaticUnconditionalGAN(seed=fresh_seed())
     mm.save(model, tmp_path / RELEASED)
     out = subprocess.run([sys.executable, str(ROOT / "fastgan" / "sample.py"), str(CELEBA_CONFIG), RELEASED,
                           "--num-samples", "4", "--seed", "7", "--out", "grid.png", "--each", "each"],
@@ -188,8 +189,8 @@ def test_init_from_mmgen_then_resume_wins(tmp_path, data_args, capsys):
     model = small_model()
     mm.save(model, tmp_path / "mm.pth", "mmengine")
     work = tmp_path / "run"
-    args = [f"--work_dir={work}", *data_args, "--optim.lr_g=0", "--optim.lr_d=0", f"--init_from={tmp_path / 'mm.pth'}"]
-    train(C.load(ROOT / "configs" / "quickstart.py", [*args, "--total_iters=2"]), Dist())
+    args = ["--optim.lr_g=0", "--optim.lr_d=0", f"--init_from={tmp_path / 'mm.pth'}"]
+    train(tiny(work, data_args, *args, "--total_iters=2"), Dist())
     said = capsys.readouterr().out
     assert f"G and D initialised from {tmp_path / 'mm.pth'} (MMGeneration/MMagic checkpoint (mmengine layout))" in said
     assert "converted from MMGeneration's BGR to RGB" in said
@@ -203,7 +204,7 @@ def test_init_from_mmgen_then_resume_wins(tmp_path, data_args, capsys):
             assert torch.equal(state[net][k], want), f"{net}.{k}"
     assert all(int(s["step"]) == 2 for s in state["opt_g"]["state"].values())      # fresh Adam, 2 steps
     # The same work_dir again: it resumes, and says init_from is ignored.
-    train(C.load(ROOT / "configs" / "quickstart.py", [*args, "--total_iters=3"]), Dist())
+    train(tiny(work, data_args, *args, "--total_iters=3"), Dist())
     said = capsys.readouterr().out
     assert f"init_from={tmp_path / 'mm.pth'} ignored: resuming from {work / 'ckpt' / 'iter_2.pt'}" in said
     assert ck.load(work / "ckpt" / "iter_3.pt")["iteration"] == 3
@@ -211,11 +212,10 @@ def test_init_from_mmgen_then_resume_wins(tmp_path, data_args, capsys):
 
 def test_init_from_fastgan_checkpoint(tmp_path, data_args):
     first = tmp_path / "first"
-    train(C.load(ROOT / "configs" / "quickstart.py", [f"--work_dir={first}", *data_args, "--total_iters=2"]), Dist())
+    train(tiny(first, data_args, "--total_iters=2"), Dist())
     src = ck.load(first / "ckpt" / "iter_2.pt")
     second = tmp_path / "second"
-    train(C.load(ROOT / "configs" / "quickstart.py", [f"--work_dir={second}", *data_args, "--total_iters=1",
-                                                      "--optim.lr_g=0", "--optim.lr_d=0", f"--init_from={first}"]),
+    train(tiny(second, data_args, "--total_iters=1", "--optim.lr_g=0", "--optim.lr_d=0", f"--init_from={first}"),
           Dist())
     got = ck.load(second / "ckpt" / "iter_1.pt")
     assert got["iteration"] == 1

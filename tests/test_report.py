@@ -5,7 +5,6 @@ import base64
 import io
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,18 +16,16 @@ from fastgan import config as C
 from fastgan.data import build_loader
 from fastgan.distrib import Dist
 from fastgan.train import train
+from parity import fresh_seed
+from runs import ROOT, tiny, tiny_args
 
-ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("run", "samples", "losses", "progress", "speed", "eval", "checkpoints")
 
 
-def tiny(work, data, seed, *extra) -> C.Config:
-    return C.load(ROOT / "configs" / "quickstart.py", [
-        f"--work_dir={work}", "--model.base_channels=8", "--batch_size=8", "--num_samples=9",
-        "--data.source=synthetic", f"--data.root={data / 'faces'}", "--data.synthetic_count=64",
-        f"--data.cache_dir={data / 'cache'}", "--data.cache=host", "--data.loader=torch", "--data.num_workers=0",
-        "--log_interval=1", "--sample_interval=2", "--ckpt_interval=3", f"--seed={seed}",
-        *extra])
+def run_cfg(work, data, seed, *extra) -> C.Config:
+    """A tiny run with 9-image grids every 2 iterations and a checkpoint every 3."""
+    return tiny(work, tiny_args(data, "--num_samples=9", "--sample_interval=2", "--ckpt_interval=3", f"--seed={seed}"),
+                *extra)
 
 
 def gif_frames(path) -> list[np.ndarray]:
@@ -54,10 +51,10 @@ def inlined_images(page: str) -> list[Image.Image]:
 
 def test_run_writes_report_progress_gif_and_real_grid(tmp_path):
     work, seed = tmp_path / "run", int(torch.randint(0, 1000, ()))
-    train(tiny(work, tmp_path, seed, "--total_iters=4"), Dist())
+    train(run_cfg(work, tmp_path, seed, "--total_iters=4"), Dist())
     (work / "training_samples" / "progress.gif").unlink()     # as if lost: the resumed run rebuilds it
     says = []
-    cfg = tiny(work, tmp_path, seed, "--total_iters=6")
+    cfg = run_cfg(work, tmp_path, seed, "--total_iters=6")
     train(cfg, Dist())
     samples = work / "training_samples"
 
@@ -121,7 +118,7 @@ def test_report_errors(tmp_path):
 
 def test_progress_gif_orders_grids_by_iteration(tmp_path, monkeypatch):
     """iter_10 after iter_9 (not by name); past MAX_FRAMES, evenly spaced with first and last kept."""
-    rng = np.random.default_rng(int(torch.randint(0, 2**31, ())))
+    rng = np.random.default_rng(fresh_seed())
     iters = [100, 9, 10, 2, 1000]
     for it in iters:       # distinct flat colours: each frame's nearest grid is unambiguous
         Image.fromarray(np.full((20, 30, 3), rng.integers(0, 256, 3), np.uint8)).save(tmp_path / f"iter_{it}.png")
@@ -136,6 +133,24 @@ def test_progress_gif_orders_grids_by_iteration(tmp_path, monkeypatch):
     monkeypatch.setattr(animation, "MAX_FRAMES", 3)
     assert order(animation.write_progress_gif(tmp_path)) == [want[0], want[2], want[4]]
     assert animation.write_progress_gif(tmp_path / "empty") is None
+
+
+def test_progress_gif_rebuild_quantizes_only_the_new_grid(tmp_path, monkeypatch):
+    """Frames made before are kept as palette images and go into the GIF as they are."""
+    rng = np.random.default_rng(fresh_seed())
+    for it in (1, 2, 3):
+        Image.fromarray(rng.integers(0, 256, (20, 30, 3), np.uint8)).save(tmp_path / f"iter_{it}.png")
+    animation.write_progress_gif(tmp_path)
+    quantized = []
+    real = Image.Image.quantize
+    monkeypatch.setattr(Image.Image, "quantize",
+                        lambda im, *a, **kw: (quantized.append(im.size), real(im, *a, **kw))[1])
+    Image.fromarray(rng.integers(0, 256, (20, 30, 3), np.uint8)).save(tmp_path / "iter_4.png")
+    frames = gif_frames(animation.write_progress_gif(tmp_path))
+    assert len(frames) == 4 and quantized == [(30, 20 + animation.CAPTION_PX)] * 2   # its palette, then the mapping
+    quantized.clear()
+    animation.write_progress_gif(tmp_path)
+    assert quantized == []
 
 
 @pytest.mark.parametrize("channels", [1, 3])

@@ -140,8 +140,10 @@ def test_train_reports_a_failed_check_in_one_line(monkeypatch, capsys):
         raise selfcheck.SelfCheckError("self-check of the triton backend failed: the fused kernels raised X")
     monkeypatch.setattr(train_mod, "train", fails)
     from fastgan import errors
+    from runs import ROOT
+    celeba = str(ROOT / "configs" / "dcgan" / "dcgan_celeba-cropped_64_b128x1_300k.py")
     with pytest.raises(SystemExit) as info:
-        errors.main(train_mod.main, ["configs/dcgan/dcgan_celeba-cropped_64_b128x1_300k.py", "--device", "cpu"])
+        errors.main(train_mod.main, [celeba, "--device", "cpu"])
     err = capsys.readouterr().err
     assert info.value.code == 1 and "Traceback" not in err
     assert err.strip().splitlines() == ["error: self-check of the triton backend failed: the fused kernels raised X"]

@@ -158,8 +158,9 @@ def face_image(index: int) -> Image.Image:
 def _write(root: str, indices: list[int]) -> int:
     for i in indices:
         # whole or not at all, under a temp name of this worker's own (the builders of several
-        # nodes may write into one shared folder)
-        with files.atomic(os.path.join(root, file_name(i)), unique=True) as tmp:
+        # nodes may write into one shared folder); not fsync'ed one by one (files.atomic's
+        # durable=False): _ensure syncs them all once before the marker that vouches for them
+        with files.atomic(os.path.join(root, file_name(i)), unique=True, durable=False) as tmp:
             face_image(i).save(tmp, format="JPEG", quality=90)
     return len(indices)
 
@@ -198,5 +199,6 @@ def _ensure(root: Path, count: int, num_workers: int, log, show: bool) -> list[P
             for chunk in chunks:
                 bar.update(_write(str(root), chunk))
         bar.close()
+    os.sync()       # the faces (this run's, or a killed one's) reach the disk before the marker vouches for them
     files.write_text(marker, json.dumps({"version": VERSION, "count": count}), unique=True)
     return paths
