@@ -10,6 +10,11 @@ of the run's models (the run's weights, BatchNorm statistics and random streams 
    (TF32 off): the triton backend may miss it by at most `bound(mode, own)`, where `own` is how far
    the torch backend in the run's own precision misses it. Compared: the losses, every gradient
    (max over tensors) and the samples, each as |a - b|_2 / |b|_2; everything must be finite.
+   Parity that misses its bound is drawn again from other inputs, and fails only if that draw
+   misses too: a LeakyReLU or ReLU input within rounding of 0 takes slope 1 on one side and 0.2
+   or 0 on the other, and moves the whole gradient from there back by far more than rounding (6%
+   of a tiny test model's G grads on the CPU, for one of 231 weight draws tried). Another draw
+   does not land on such a point again; a kernel that is wrong misses on every draw.
 2. the step: the step the run will use (fastgan.cuda_graph.build_step's choice: the CUDA graph, and
    torch.compile when configured) runs its warm-up, capture and a replay on copies: no exception,
    finite losses.
@@ -50,7 +55,7 @@ from fastgan.errors import UserError, first_line
 # derivatives flip where a pre-activation lies within rounding of 0: 0.24 measured at full size,
 # bench/NOTES.md); the bound is capped at 1, the error of an all-zero answer.
 FLOORS = {"fp32": 1e-3, "tf32": 1e-2, "bf16": 3e-2, "fp16": 1e-2}
-SEED = 0x5E1F   # the check's own inputs; the run's generators are never drawn from
+SEEDS = (0x5E1F, 0x5E20)   # the check's own inputs (a second draw after a miss); never the run's generators
 
 
 class SelfCheckError(UserError, RuntimeError):
@@ -101,9 +106,11 @@ class Report:
     why: str | None = None
     step: str = ""
     seconds: float = 0.0
+    redrawn: str | None = None     # what the first draw missed by, when a second one passed
 
     def summary(self) -> str:
-        return ", ".join(f"{k} {v.err:.1e} (bound {v.bound:.1e})" for k, v in self.items.items())
+        said = ", ".join(f"{k} {v.err:.1e} (bound {v.bound:.1e})" for k, v in self.items.items())
+        return said + (f" (on a second draw: the first missed, {self.redrawn})" if self.redrawn else "")
 
 
 @contextmanager
@@ -150,9 +157,9 @@ def _compare(out: dict, ref: dict, own: dict | None, mode: str, sample_mode: str
             for key in ("losses", "grads", "sample")}
 
 
-def _inputs(cfg, G, device):
+def _inputs(cfg, G, device, seed: int = SEEDS[0]):
     """A real batch, z as TrainStep.noise shapes it, and the sample grid's z: from the check's own seed."""
-    gen = torch.Generator(device).manual_seed(SEED)
+    gen = torch.Generator(device).manual_seed(seed)
     res, n = cfg.model.resolution, cfg.batch_size
     from fastgan.step import num_noise
     real = torch.rand(n, cfg.model.channels, res, res, device=device, generator=gen) * 2 - 1
@@ -161,9 +168,9 @@ def _inputs(cfg, G, device):
     return real, z, z_sample
 
 
-def parity(cfg, G, D, device) -> dict:
+def parity(cfg, G, D, device, seed: int = SEEDS[0]) -> dict:
     """The triton backend's iteration and sampling against exact fp32, with torch's own error."""
-    real, z, z_sample = _inputs(cfg, G, device)
+    real, z, z_sample = _inputs(cfg, G, device, seed)
     mode, sample_mode = precision(cfg.amp, device), precision("fp32", device)
     ref = _iteration(cfg, G, D, device, "torch", "fp32", real, z, z_sample, exact=True)
     # torch in the run's own precision; in exact fp32 it is the reference itself
@@ -199,17 +206,24 @@ def check(cfg, G, D, device, graph: bool | None = None) -> Report:
     with torch.random.fork_rng(devices=devices, device_type="cuda"):
         report = Report({})
         try:
-            report.items = parity(cfg, G, D, device)
+            for seed in SEEDS:           # a miss is drawn again (module docstring); both must miss
+                report.items = parity(cfg, G, D, device, seed)
+                bad = [k for k, v in report.items.items() if not v.ok]
+                if not bad:
+                    break
+                missed = ", ".join(f"{k} {report.items[k].err:.2e} > {report.items[k].bound:.1e}" for k in bad)
+                report.why = f"{report.why} and {missed}" if report.why else missed
         except torch.OutOfMemoryError:   # the batch does not fit: train.py says so, with what to try
             raise
         except Exception as e:   # a kernel that fails to build or launch: reported, not raised
             report.failed, report.why = "parity", f"the fused kernels raised {first_line(e, name=True)}"
         else:
-            bad = [k for k, v in report.items.items() if not v.ok]
             if bad:
                 report.failed = "parity"
-                report.why = "the fused kernels differ from torch: " + ", ".join(
-                    f"{k} {report.items[k].err:.2e} > {report.items[k].bound:.1e}" for k in bad)
+                report.why = f"the fused kernels differ from torch on {len(SEEDS)} draws: {report.why}"
+            elif report.why:
+                report.redrawn = report.why
+                report.why = None
         if report.failed is None:
             try:
                 report.step = run_step(cfg, G, D, device, graph)
