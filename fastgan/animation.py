@@ -15,7 +15,6 @@ to a few MB.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 from fastgan import files
 
-GRID_NAME = re.compile(r"^iter_(\d+)\.png$")
 MAX_FRAMES = 100
 FRAME_MS, LAST_FRAME_MS = 400, 2000      # the newest grid stays up longer before the loop restarts
 CAPTION_PX = 14
@@ -54,11 +52,7 @@ def save_gif(frames: list, path: str | Path, durations: int | list[int] = FRAME_
 
 def list_grids(folder: str | Path) -> list[tuple[int, Path]]:
     """(iteration, path) of every training_samples/iter_N.png, in iteration order."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := GRID_NAME.match(p.name))]
-    return sorted(found)
+    return files.numbered(folder, ".png")
 
 
 def _spread(items: list, limit: int) -> list:

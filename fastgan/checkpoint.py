@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import warnings
 from pathlib import Path
 
@@ -27,7 +26,6 @@ from fastgan.convert import CheckpointError, clean_state_dict
 from fastgan.errors import WriteError, one_line
 from fastgan.models import Discriminator, Generator, model_kwargs
 
-CKPT_NAME = re.compile(r"^iter_(\d+)\.pt$")
 REQUIRED = ("iteration", "G", "D", "opt_g", "opt_d", "config")
 
 
@@ -70,11 +68,7 @@ def save_generator(G: torch.nn.Module, cfg, path: str | Path, ema: bool = False)
 
 def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
     """(iteration, path) of every ckpt/iter_N.pt, newest first."""
-    folder = Path(ckpt_dir)
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CKPT_NAME.match(p.name))]
-    return sorted(found, reverse=True)
+    return files.numbered(ckpt_dir, ".pt")[::-1]
 
 
 def remove_temp_files(ckpt_dir: str | Path) -> list[Path]:

@@ -20,7 +20,8 @@ sync of them all vouches for the set: the synthetic faces and their marker (the 
 Temp names: <name>.tmp, or with unique=True <name>.<host>-<pid>.tmp, for a file that several
 processes may write at once (pool workers; the ranks of several nodes sharing a folder).
 checkpoint.remove_temp_files removes a ckpt folder's *.tmp; `remove_stale` removes the unique
-temp files of processes on this host that are gone.
+temp files of processes on this host that are gone. `numbered` lists a run's iter_N files (the
+checkpoints, the sample grids).
 """
 
 from __future__ import annotations
@@ -89,6 +90,15 @@ def copy(src: str | Path, dst: str | Path) -> Path:
     with atomic(dst) as tmp:
         shutil.copyfile(src, tmp)
     return Path(dst)
+
+
+def numbered(folder: str | Path, suffix: str) -> list[tuple[int, Path]]:
+    """(N, path) of every iter_N<suffix> in `folder` (none if it is missing), in iteration order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    name = re.compile(rf"^iter_(\d+){re.escape(suffix)}$")
+    return sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := name.match(p.name)))
 
 
 def remove_stale(path: str | Path) -> list[Path]:

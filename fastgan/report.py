@@ -26,7 +26,6 @@ import base64
 import html
 import io
 import json
-import re
 import statistics
 import time
 from pathlib import Path
@@ -34,7 +33,6 @@ from pathlib import Path
 from fastgan import errors, files
 from fastgan.animation import list_grids
 
-CKPT_NAME = re.compile(r"^iter_(\d+)\.pt$")
 SHOWN_PX = 560          # small grids are shown scaled up by whole factors to at most this width
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; margin: 0 auto;
@@ -303,16 +301,11 @@ def _eval_section(cfg: dict, entries: list[dict]) -> tuple[str, dict | None]:
 
 def _checkpoints(work: Path, best: dict | None) -> str:
     rows = []
-    found = []
-    ckpt = work / "ckpt"
-    if ckpt.is_dir():
-        for p in ckpt.iterdir():
-            m = CKPT_NAME.match(p.name)
-            if m:
-                found.append((int(m.group(1)), p, m.group(1)))
-            elif p.name == "best.pt":
-                found.append((-1, p, f"{best['iter']} (best {best['metric']} {best['value']:.4g})" if best else "best"))
-    for _, p, it in sorted(found, key=lambda f: -f[0]):
+    found = [(p, str(n)) for n, p in reversed(files.numbered(work / "ckpt", ".pt"))]
+    if (work / "ckpt" / "best.pt").is_file():
+        found.append((work / "ckpt" / "best.pt",
+                      f"{best['iter']} (best {best['metric']} {best['value']:.4g})" if best else "best"))
+    for p, it in found:
         try:
             st = p.stat()
         except FileNotFoundError:    # pruned by the running training since the listing
