@@ -123,8 +123,8 @@ class Run:
         self.log.image("samples", grid, iteration)
 
     def save_checkpoint(self, iteration: int, path: Path | None = None) -> Path | None:
-        """ckpt/iter_N.pt (or `path`) with every rank's RNG states gathered to rank 0; then the
-        oldest beyond keep_ckpts go. Returns the path on rank 0."""
+        """ckpt/iter_N.pt (or `path`) with every rank's RNG states gathered to rank 0. Returns
+        the path on rank 0."""
         distrib.broadcast_buffers(self.d, self.G, self.D)
         rng = distrib.gather_objects(self.d, {**checkpoint.rng_state(), "noise": self.noise_gen.get_state()})
         if not self.d.main:
@@ -132,10 +132,7 @@ class Run:
         state = {"iteration": iteration, "G": checkpoint.clean_state_dict(self.G),
                  "D": checkpoint.clean_state_dict(self.D), **self.step.state_dict(), "rng": rng,
                  "world_size": self.d.world_size, "best": self.best, "config": config_mod.to_dict(self.cfg)}
-        ckpt_dir = self.work / "ckpt"
-        path = checkpoint.save(state, path or ckpt_dir / f"iter_{iteration}.pt")
-        checkpoint.prune(ckpt_dir, self.cfg.keep_ckpts)
-        return path
+        return checkpoint.save(state, path or self.work / "ckpt" / f"iter_{iteration}.pt")
 
     def evaluate(self, evaluator: Evaluator, iteration: int) -> None:
         """The config's metrics on G_out; ckpt/best.pt follows eval.best_metric."""
@@ -371,9 +368,10 @@ def train(cfg, d: distrib.Dist, resume: str | None = None) -> int:
         # checkpoint: every ckpt_interval, every ckpt_minutes, on a stop signal, at the end
         if ckpt_now:
             path = run.save_checkpoint(done)
-            guard.saved(done, path)
+            guard.saved(done, path)                     # drops the timed one before it, if any
             last_ckpt = f"The last checkpoint is ckpt/iter_{done}.pt."
             if path:
+                checkpoint.prune(path.parent, cfg.keep_ckpts)   # then the oldest beyond keep_ckpts
                 log.say(f"saved {path}")
                 report.write_quietly(work, log.say, log.writes)
         if guard.stopping:

@@ -163,6 +163,18 @@ def test_ckpt_minutes(tmp_path, data_args, monkeypatch, capsys):
     assert [n for n, _ in ck.list_checkpoints(tmp_path / "a" / "ckpt")] == [8]
 
 
+def test_timed_checkpoints_take_no_place_of_keep_ckpts(tmp_path, data_args, monkeypatch, capsys):
+    """The same clock with ckpt_interval=4 and keep_ckpts=2: timed ones at 3 and 7, regular ones at
+    4 and 8. Each timed one goes when the next is written, and keep_ckpts counts the regular ones."""
+    now = iter(range(0, 10_000, 25))
+    monkeypatch.setattr(faults, "clock", lambda: next(now))
+    train(tiny(tmp_path / "a", data_args, "--total_iters=8", "--ckpt_interval=4", "--sample_interval=100",
+               "--keep_ckpts=2", "--ckpt_minutes=1"), Dist())
+    saved = [line.rsplit("iter_", 1)[1] for line in capsys.readouterr().out.splitlines() if line.startswith("saved")]
+    assert saved == ["3.pt", "4.pt", "7.pt", "8.pt"]
+    assert [n for n, _ in ck.list_checkpoints(tmp_path / "a" / "ckpt")] == [8, 4]
+
+
 # -- a full, read-only or deleted work_dir -------------------------------------------------------
 
 def after_checkpoint(monkeypatch, at, fault):
