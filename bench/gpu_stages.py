@@ -52,8 +52,8 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def config(preset: str, amp: str, **kw) -> Config:
-    cfg = Config(recipe=preset, amp=amp, batch_size=SHAPE["batch"], num_samples=16, **kw)
+def config(preset: str, amp: str) -> Config:
+    cfg = Config(recipe=preset, amp=amp, batch_size=SHAPE["batch"], num_samples=16)
     cfg.model.preset = preset
     cfg.model.resolution, cfg.model.base_channels = SHAPE["resolution"], SHAPE["base_channels"]
     return cfg
@@ -111,7 +111,7 @@ def correct(out: Path) -> None:
         G, D = (net.to(DEVICE) for net in build(cfg.model, "triton"))
         rep = selfcheck.check(cfg, G, D, DEVICE)
         case = {"preset": preset, "mode": mode, "ok": rep.failed is None, "failed": rep.failed, "why": rep.why,
-                "step": rep.step, "seconds": round(rep.seconds, 2),
+                "redrawn": rep.redrawn, "step": rep.step, "seconds": round(rep.seconds, 2),
                 **{k: {"err": v.err, "own": v.own, "bound": v.bound} for k, v in rep.items.items()}}
         result["cases"].append(case)
         write_json(out, result)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import math
 import os
@@ -54,7 +53,8 @@ from fastgan import errors  # noqa: E402
 from fastgan.config import Config  # noqa: E402
 from fastgan.cuda_graph import GraphedStep  # noqa: E402
 from fastgan.models import PRESETS, RESOLUTIONS, build  # noqa: E402
-from fastgan.selfcheck import exact_fp32  # noqa: E402
+from fastgan import selfcheck  # noqa: E402
+from fastgan.selfcheck import exact_fp32, rel_err  # noqa: E402
 from fastgan.step import TrainStep  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench/report.py, also when imported by path
@@ -204,16 +204,6 @@ def build_variant(args, name: str, preset: str, mode: str, device: torch.device)
 # ---------------------------------------------------------------------------------------------
 # parity
 
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """|a - b|_2 / |b|_2 in float64; a non-finite value anywhere gives inf."""
-    a, b = actual.detach().double(), expected.detach().double()
-    if a.shape != b.shape:
-        raise ValueError(f"shape {tuple(a.shape)} != {tuple(b.shape)}")
-    if not torch.isfinite(a).all():
-        return math.inf
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 def max_rel_err(actual: list, expected: list) -> float:
     return max(rel_err(a, b) for a, b in zip(actual, expected, strict=True))
 
@@ -335,9 +325,7 @@ def run_row(args, name, preset, batch, mode, device, flops, peak) -> dict:
 def release(device: torch.device) -> None:
     """Between variants: compiled code, CUDA graphs and their memory pools go."""
     torch._dynamo.reset()
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    selfcheck.release(device)
 
 
 # ---------------------------------------------------------------------------------------------

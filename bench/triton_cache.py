@@ -41,6 +41,8 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -244,7 +246,7 @@ def build(folder: Path, jobs: int, names: list[str] | None = None) -> dict:
                 "compile_s_per_kernel": sorted(round(s, 2) for _, s, _ in results),
                 "wall_s": round(time.perf_counter() - t0, 1), "launcher_s": round(time.perf_counter() - t2, 1),
                 "launchers_checked": launchers, "reloaded_from_cache": f"{sum(hits)}/{len(hits)}",
-                "errors": errors, "dirs": sorted(p.name for p in folder.iterdir() if p.is_dir())}
+                "errors": errors}
     files.write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
@@ -267,10 +269,17 @@ def pack(folder: Path) -> Path:
 
 
 def unpack(folder: Path, src: Path) -> bool:
-    """Extract the carried tar `src` into `folder`, unless the folder already holds a cache."""
+    """Extract the carried tar `src` into `folder`, unless the folder already holds that same cache
+    (a warm machine keeps it between calls); a different one is replaced."""
     import tarfile
-    if (folder / MANIFEST).is_file() or not src.is_file():
+    if not src.is_file():
         return False
+    if (folder / MANIFEST).is_file():
+        with tarfile.open(src) as tar:       # its top folder is the cache folder's name where it was packed
+            member = next((m for m in tar.getmembers() if Path(m.name).parts[1:] == (MANIFEST,)), None)
+            if member is not None and tar.extractfile(member).read() == (folder / MANIFEST).read_bytes():
+                return False
+    shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     with tarfile.open(src) as tar:
         for member in tar.getmembers():          # the tar's top folder is the cache folder's name when packed
@@ -314,7 +323,6 @@ def prepare(folder: Path, pack_path: Path | None = None) -> dict:
             same = v == built.get(k)
         if not same:
             out["differ"][k] = {"built": built.get(k), "here": v}
-    out["dirs_before"] = sorted(p.name for p in folder.iterdir() if p.is_dir())
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 
@@ -349,6 +357,10 @@ def run(stats: str, tag: str, argv: list[str]) -> None:
             f.write(json.dumps({"tag": tag, **seen, "compile_s": round(seen["compile_s"], 1)}) + "\n")
     triton.knobs.compilation.listener = listener
     atexit.register(write)
+    # gpu_check.py stops a step past its time box with SIGTERM, whose default action skips atexit:
+    # exit through Python instead, so a step cut short still reports what it compiled (a program
+    # that handles SIGTERM itself, as train.py does, replaces this)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     _exec(argv)
 
 

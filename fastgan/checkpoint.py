@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from fastgan import config as config_mod
 from fastgan import convert, files
 from fastgan.convert import CheckpointError, clean_state_dict
-from fastgan.errors import WriteError, one_line
+from fastgan.errors import WriteError, first_line
 from fastgan.models import Discriminator, Generator, model_kwargs
 
 REQUIRED = ("iteration", "G", "D", "opt_g", "opt_d", "config")
@@ -105,7 +105,6 @@ def load(path: str | Path) -> dict:
     return state
 
 
-
 def load_latest(ckpt_dir: str | Path, warn=None) -> tuple[Path, dict] | None:
     """The newest checkpoint that reads; unreadable newer ones (a kill mid-write on a filesystem
     without atomic rename, a full disk) are skipped with a warning."""
@@ -182,7 +181,7 @@ def read_weights(path: str | Path, raw: bool = False, need_d: bool = False) -> t
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise CheckpointError(f"cannot read {path}: not a safetensors file, or truncated "
-                              f"({one_line(str(e))[:160]})") from None
+                              f"({first_line(e, 160)})") from None
     ema = meta.get("generator") == "ema"
     w = convert.Weights(source="generator.safetensors", config=json.loads(meta["config"]) if "config" in meta else None,
                         ema_only=ema)

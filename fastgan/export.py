@@ -90,12 +90,13 @@ def export(G: torch.nn.Module, out: str | Path, opset: int = DEFAULT_OPSET) -> P
                                         dynamic_shapes={"z": {0: batch}}, opset_version=opset, verbose=False)
     finally:
         exporter_log.setLevel(level)
-    written = opset_of(program.model_proto)
+    proto = program.model_proto        # a property that builds the whole model, weights included
+    written = opset_of(proto)
     if written != opset:
         raise errors.UserError(f"the ONNX exporter could not convert the generator to opset {opset} (it made "
                                f"opset {written}): pass --opset {written}, or one it converts to")
     # one file, the weights inside: G is far below protobuf's 2 GB
-    return files.atomic_write(out, lambda f: f.write(program.model_proto.SerializeToString()))
+    return files.atomic_write(out, lambda f: f.write(proto.SerializeToString()))
 
 
 def opset_of(model) -> int | None:

@@ -35,7 +35,7 @@ import socket
 import stat
 from pathlib import Path
 
-from fastgan.errors import WriteError, one_line
+from fastgan.errors import WriteError, first_line
 
 
 def temp_path(path: str | Path, unique: bool = False) -> Path:
@@ -155,4 +155,4 @@ def _write_error(path: Path, e: BaseException) -> WriteError:
             return WriteError(30, "Read-only file system", str(path))
     except OSError:
         pass
-    return WriteError(5, one_line(str(e))[:200], str(path))
+    return WriteError(5, first_line(e), str(path))

@@ -1,7 +1,7 @@
 """Latent walks (MMGeneration's apps/interpolate_sample.py): images of G along paths between latents.
 
     z = walk_latents(G, num_walks=4, steps=8, seed=0, mode="slerp")   # (4, 8, noise_size)
-    images = draw_walks(G, z, device)                                 # (4 * 8, C, R, R), a walk per row
+    images = draw(G, z, device)                                       # (4 * 8, C, R, R), a walk per row
 
 The end latents come from `seed` on the CPU (2 * num_walks of them: walk i goes from the i-th to
 the (num_walks + i)-th), so a seed gives the same walks on a CPU and a GPU. Every walk starts at
@@ -56,9 +56,10 @@ def walk_latents(G: torch.nn.Module, num_walks: int, steps: int, seed: int = 0, 
     return (slerp if mode == "slerp" else lerp)(z[:num_walks], z[num_walks:], t)
 
 
-def draw_walks(G: torch.nn.Module, z: torch.Tensor, device, batch_size: int = 256) -> torch.Tensor:
+def draw(G: torch.nn.Module, z: torch.Tensor, device, batch_size: int = 256) -> torch.Tensor:
     """G (in eval mode: BN uses its running statistics, so images do not depend on the batch) on
-    every latent of (N, K, D) -> (N * K, C, R, R) on the CPU, walk by walk."""
+    every latent of z (..., D), `batch_size` at a time: (N, K, D) walks -> (N * K, C, R, R), in
+    order, on the CPU. sample.py draws its grids through it too."""
     G.eval()
     out = []
     with torch.no_grad():
@@ -84,7 +85,7 @@ def write(G: torch.nn.Module, out: str | Path, num_walks: int, steps: int, seed:
           device="cpu", batch_size: int = 256) -> tuple[torch.Tensor, Path]:
     """Draw the walks; write a grid (a walk per row) or, when `out` ends in .gif, an animation.
     Returns the images (num_walks * steps, C, R, R) and the file written."""
-    fake = draw_walks(G, walk_latents(G, num_walks, steps, seed, mode), device, batch_size)
+    fake = draw(G, walk_latents(G, num_walks, steps, seed, mode), device, batch_size)
     if Path(out).suffix.lower() == ".gif":
         frames = [images.make_grid(f, nrow=frame_nrow(num_walks)) for f in walk_frames(fake, num_walks, steps)]
         return fake, animation.save_gif(frames, out, durations=FRAME_MS)

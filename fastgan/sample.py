@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from fastgan import images
+from fastgan import images, interpolate
 from fastgan import config as config_mod
 from fastgan import errors
 from fastgan.checkpoint import load_generator
@@ -75,12 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def generate(G: torch.nn.Module, num: int, seed: int, device, batch_size: int = 256) -> torch.Tensor:
     """`num` images (N, C, R, R) in [-1, 1] on the CPU from noise seeded on the CPU."""
-    z = G.sample_noise(num, generator=torch.Generator().manual_seed(seed))
-    out = []
-    with torch.no_grad():
-        for chunk in z.split(batch_size):
-            out.append(G(chunk.to(device)).float().cpu())
-    return torch.cat(out)
+    return interpolate.draw(G, G.sample_noise(num, generator=torch.Generator().manual_seed(seed)), device, batch_size)
 
 
 def main(argv=None) -> int:
@@ -96,7 +91,6 @@ def main(argv=None) -> int:
     size = f"{cfg.model.resolution}x{cfg.model.resolution}, backend {backend} on {device}"
     t = time.perf_counter()
     if args.interpolate:
-        from fastgan import interpolate
         mode = "lerp" if args.lerp else "slerp"
         fake, out = interpolate.write(G, args.out, args.interpolate, args.steps, args.seed, mode, device,
                                       args.batch_size)

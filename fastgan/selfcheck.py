@@ -76,6 +76,8 @@ def bound(mode: str, own: float) -> float:
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """|a - b|_2 / |b|_2 in float64; inf where `actual` is not finite."""
     a, b = actual.detach().double(), expected.detach().double()
+    if a.shape != b.shape:
+        raise ValueError(f"shape {tuple(a.shape)} != {tuple(b.shape)}")
     if not torch.isfinite(a).all():
         return math.inf
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
@@ -231,12 +233,13 @@ def check(cfg, G, D, device, graph: bool | None = None) -> Report:
                 raise
             except Exception as e:
                 report.failed, report.why = "step", f"the training step failed ({first_line(e, name=True)})"
-        _release(device)
+        release(device)
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _release(device) -> None:
+def release(device) -> None:
+    """Memory the check's copies held goes back (the GPU's cache too)."""
     import gc
     gc.collect()
     if device.type == "cuda":

@@ -141,7 +141,7 @@ class TrainStep:
             loss.backward()
             opt.step()
 
-    def _g_update(self, fake: torch.Tensor) -> torch.Tensor:
+    def _g_update(self, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # MMGen freezes D here (set_requires_grad(D, False)); D's weights enter as detached
         # tensors instead: same effect, no grads for D, and no requires_grad_ calls, which
         # torch.compile cannot trace.

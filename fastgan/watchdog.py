@@ -31,7 +31,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from fastgan.errors import one_line
+from fastgan.errors import first_line
 
 clock = time.monotonic            # the tests drive it by hand
 
@@ -211,7 +211,7 @@ class Monitor:
     def explain(self, error: BaseException) -> str:
         """Which rank made a collective fail: its last words, else the one whose heartbeat
         stops within a few intervals; else torch's message."""
-        first = one_line(str(error))[:200]
+        first = first_line(error)
         deadline = clock() + 4 * self.interval
         while True:
             try:
@@ -261,7 +261,7 @@ def start_monitor(rank: int, world_size: int, timeout_s: float) -> None:
         store = dist.TCPStore(host, port, is_master=False, wait_for_workers=False,
                               timeout=timedelta(seconds=max(10.0, 2 * interval(timeout_s))))
     except Exception as e:    # training works without it; only a dead or stuck rank goes unnamed
-        print(f"warning: no rank watchdog ({one_line(str(e))[:200]})", file=sys.stderr)
+        print(f"warning: no rank watchdog ({first_line(e)})", file=sys.stderr)
         return
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     _monitor = Monitor(rank, world_size, timeout_s, store,
@@ -298,7 +298,7 @@ def explain(e: BaseException) -> str | None:
     if not _distributed_error(e) or not group_up():
         return None
     if _monitor is None:
-        return f"a collective operation failed: another process of this run stopped ({one_line(str(e))[:200]})"
+        return f"a collective operation failed: another process of this run stopped ({first_line(e)})"
     return _monitor.explain(e)
 
 

@@ -65,7 +65,7 @@ def test_walks_start_and_end_at_G_of_their_end_latents(mode):
     G = trained_looking_G(seed)
     n, k = 3, 5
     z = interpolate.walk_latents(G, n, k, seed=seed, mode=mode)
-    walks = interpolate.draw_walks(G, z, "cpu", batch_size=4).view(n, k, 3, 32, 32)   # chunks cut across walks
+    walks = interpolate.draw(G, z, "cpu", batch_size=4).view(n, k, 3, 32, 32)   # chunks cut across walks
     ends = G.sample_noise(2 * n, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         starts, stops = G(ends[:n]), G(ends[n:])

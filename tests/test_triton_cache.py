@@ -67,8 +67,13 @@ def test_carried_cache_is_relocated_and_its_key_inputs_compared(tmp_path, monkey
     major, minor, _ = inputs["python"].split(".")
     manifest.update(ptxas="ptxas: another build", python=f"{major}.{minor}.999")
     (here / triton_cache.MANIFEST).write_text(json.dumps(manifest))
-    assert triton_cache.prepare(here, packed)["differ"] == {"ptxas": {"built": "ptxas: another build",
+    absent = tmp_path / "nothing-carried.tar.gz"      # the cache already in place is the one judged
+    assert triton_cache.prepare(here, absent)["differ"] == {"ptxas": {"built": "ptxas: another build",
                                                                      "here": inputs["ptxas"]}}
+    # A carried cache other than the one in place (rebuilt, on a machine still warm) replaces it.
+    replaced = triton_cache.prepare(here, packed)
+    assert replaced["unpacked"] and replaced["differ"] == {}
+    assert {str(p.relative_to(here)): p.read_bytes() for p in here.glob("*/kernel*")} == written
 
 
 def test_nothing_carried_says_so(tmp_path):

@@ -18,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from fastgan.errors import first_line
+
 from .sampler import Loader, Schedule
 from .sources import DataError
 
@@ -83,8 +85,7 @@ def gpu_decoder_works(path, spec: tuple, device_id: int, log=print) -> bool:
         del pipe
         return True
     except Exception as e:  # DALI raises RuntimeError subclasses; a broken GPU path may raise others
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        log(f"warning: data: DALI's GPU decoder failed ({type(e).__name__}: {first}); decoding on the CPU instead")
+        log(f"warning: data: DALI's GPU decoder failed ({first_line(e, name=True)}); decoding on the CPU instead")
         return False
 
 
